@@ -1,0 +1,559 @@
+//! One device connection: handshake, identity, CONNECT, then a packet filter between the
+//! device and the engine that authorizes every PUBLISH and SUBSCRIBE.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use parking_lot::Mutex;
+use telemon_model::metrics::{self, Counter};
+use telemon_model::DeviceId;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::limits::{LimitState, Permit};
+use super::packet::{self, reason, Connect, Frame, FrameCodec, FrameError, PacketError, Protocol};
+use super::tls::{normalize_serial, ReloadingAcceptor};
+use crate::acl::Acl;
+use crate::engine::{Engine, ENGINE_USER};
+use crate::pki::{self, IdentitySource};
+
+/// Frames handled before the write buffers are flushed: batches writes under load without
+/// holding back a lone packet.
+const MAX_BATCH: usize = 64;
+
+/// Denials logged at warn level per connection; later ones go to debug so that one
+/// misbehaving device cannot flood the log. All are counted.
+const DENIALS_LOGGED: u32 = 5;
+
+pub(crate) struct Shared {
+    pub engine: Engine,
+    pub acl: Acl,
+    pub identity: IdentitySource,
+    pub limits: LimitState,
+    pub tls: Arc<ReloadingAcceptor>,
+    pub live: Mutex<HashMap<u64, LiveConnection>>,
+}
+
+pub(crate) struct LiveConnection {
+    serial: Vec<u8>,
+    identity: String,
+    cancel: CancellationToken,
+}
+
+impl Shared {
+    /// Ends every live connection whose certificate serial is in `serials`.
+    pub fn disconnect_revoked(&self, serials: &HashSet<Vec<u8>>) {
+        for conn in self.live.lock().values() {
+            if serials.contains(&conn.serial) {
+                info!(identity = %conn.identity, "disconnecting revoked certificate");
+                conn.cancel.cancel();
+            }
+        }
+    }
+}
+
+struct Counters {
+    handshake_failed: Counter,
+    handshake_timeout: Counter,
+    accepted: Counter,
+    denied_publish: Counter,
+    denied_subscribe: Counter,
+    denied_will: Counter,
+    protocol_errors: Counter,
+}
+
+fn counters() -> &'static Counters {
+    static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        let conn = |result| {
+            metrics::counter(
+                "telemon_edge_handshakes_total",
+                "TLS handshakes at the device listener, by result.",
+                &[("result", result)],
+            )
+        };
+        let denied = |action| {
+            metrics::counter(
+                "telemon_edge_acl_denied_total",
+                "Packets refused by the ACL, by action.",
+                &[("action", action)],
+            )
+        };
+        Counters {
+            handshake_failed: conn("failed"),
+            handshake_timeout: conn("timeout"),
+            accepted: conn("ok"),
+            denied_publish: denied("publish"),
+            denied_subscribe: denied("subscribe"),
+            denied_will: denied("will"),
+            protocol_errors: metrics::counter(
+                "telemon_edge_protocol_errors_total",
+                "Connections closed for malformed or forbidden packets.",
+                &[],
+            ),
+        }
+    })
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: Permit) {
+    let _permit = permit;
+    let limits = &shared.limits.config;
+    let acceptor = shared.tls.acceptor();
+    let tls = match timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            counters().handshake_failed.inc();
+            debug!(%peer, cause = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            counters().handshake_timeout.inc();
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+
+    let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        counters().handshake_failed.inc();
+        return;
+    };
+    let (identity, serial) = match identity_of(cert, shared.identity) {
+        Ok(found) => found,
+        Err(cause) => {
+            counters().handshake_failed.inc();
+            warn!(%peer, %cause, "certificate carries no usable device identity");
+            return;
+        }
+    };
+    counters().accepted.inc();
+
+    let span = info_span!("device", identity = %identity, %peer);
+    let session = Session {
+        shared: shared.clone(),
+        identity,
+        serial,
+        denials: 0,
+    };
+    session.run(tls).instrument(span).await;
+}
+
+fn identity_of(cert: &[u8], source: IdentitySource) -> Result<(String, Vec<u8>), String> {
+    let identity = pki::identity_from_cert(cert, source).map_err(|e| e.to_string())?;
+    let identity = DeviceId::new(identity).map_err(|e| e.to_string())?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
+    let serial = normalize_serial(parsed.tbs_certificate.raw_serial());
+    Ok((identity.to_string(), serial))
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    identity: String,
+    serial: Vec<u8>,
+    denials: u32,
+}
+
+/// Why a connection ended, for the log.
+enum End {
+    ClientClosed,
+    ClientDisconnected,
+    EngineClosed,
+    KeepAlive,
+    Cancelled,
+    Refused(u8, String),
+}
+
+impl Session {
+    async fn run<S>(mut self, tls: S)
+    where
+        S: tokio::io::AsyncRead + AsyncWrite + Unpin,
+    {
+        let limits = self.shared.limits.config.clone();
+        let (rd, wr) = tokio::io::split(tls);
+        let mut client_rx = FramedRead::new(
+            rd,
+            FrameCodec {
+                max_packet_size: limits.max_packet_size,
+            },
+        );
+        let mut client_tx = BufWriter::new(wr);
+
+        let connect = match timeout(limits.connect_timeout, client_rx.next()).await {
+            Ok(Some(Ok(frame))) => packet::parse_connect(&frame),
+            Ok(Some(Err(e))) => return debug!(cause = %e, "closed before CONNECT"),
+            Ok(None) => return,
+            Err(_) => return debug!("no CONNECT in time"),
+        };
+        let connect = match connect {
+            Ok(connect) => connect,
+            Err(e) => {
+                counters().protocol_errors.inc();
+                warn!(cause = %e, "invalid CONNECT");
+                // MQTT 3.1.1 §3.1.2.2: answer an unsupported level with return code 1.
+                if let PacketError::UnsupportedProtocol { .. } = e {
+                    let _ = client_tx.write_all(&[0x20, 2, 0, 1]).await;
+                    let _ = client_tx.flush().await;
+                }
+                return;
+            }
+        };
+        if let Some(will) = &connect.will {
+            if !self.shared.acl.can_publish(&self.identity, &will.topic) {
+                counters().denied_will.inc();
+                warn!(topic = %will.topic, "will topic not allowed; connection refused");
+                let refusal = packet::connack_refused(connect.protocol, reason::NOT_AUTHORIZED);
+                let _ = client_tx.write_all(&refusal).await;
+                let _ = client_tx.flush().await;
+                return;
+            }
+        }
+
+        let upstream = match self.connect_engine(&connect).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                warn!(cause = %e, "engine unreachable; connection refused");
+                let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
+                let _ = client_tx.write_all(&refusal).await;
+                let _ = client_tx.flush().await;
+                return;
+            }
+        };
+
+        let cancel = CancellationToken::new();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        self.shared.live.lock().insert(
+            id,
+            LiveConnection {
+                serial: self.serial.clone(),
+                identity: self.identity.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        debug!(protocol = ?connect.protocol, keep_alive = connect.keep_alive, "connected");
+
+        let end = self
+            .relay(&connect, client_rx, &mut client_tx, upstream, cancel)
+            .await;
+        self.shared.live.lock().remove(&id);
+        self.finish(connect.protocol, end, &mut client_tx).await;
+    }
+
+    async fn connect_engine(&self, connect: &Connect) -> std::io::Result<TcpStream> {
+        let engine = &self.shared.engine;
+        let mut upstream = TcpStream::connect(engine.addr(connect.protocol)).await?;
+        upstream.set_nodelay(true)?;
+        let rewritten = packet::encode_connect(connect, &self.identity, ENGINE_USER, engine.secret());
+        upstream.write_all(&rewritten).await?;
+        Ok(upstream)
+    }
+
+    async fn relay<W: AsyncWrite + Unpin>(
+        &mut self,
+        connect: &Connect,
+        mut client_rx: FramedRead<impl tokio::io::AsyncRead + Unpin, FrameCodec>,
+        client_tx: &mut BufWriter<W>,
+        upstream: TcpStream,
+        cancel: CancellationToken,
+    ) -> End {
+        let protocol = connect.protocol;
+        let limits = &self.shared.limits.config;
+        let (erd, ewr) = upstream.into_split();
+        // The engine is trusted and enforces its own payload limit; this bound only guards
+        // against a runaway length field.
+        let mut engine_rx = FramedRead::new(
+            erd,
+            FrameCodec {
+                max_packet_size: limits.max_packet_size.max(1 << 20) + 1024,
+            },
+        );
+        let mut engine_tx = BufWriter::new(ewr);
+        let idle = keep_alive_limit(connect.keep_alive, limits.max_keep_alive);
+        let mut deadline = Instant::now() + idle;
+        let mut filter = Filter::default();
+
+        loop {
+            tokio::select! {
+                frame = client_rx.next() => {
+                    deadline = Instant::now() + idle;
+                    let mut next = frame;
+                    for _ in 0..MAX_BATCH {
+                        let frame = match next {
+                            Some(Ok(frame)) => frame,
+                            Some(Err(FrameError::Packet(e))) => return self.refuse(e),
+                            Some(Err(FrameError::Io(_))) | None => return End::ClientClosed,
+                        };
+                        match self.from_client(protocol, frame, &mut filter) {
+                            Verdict::Forward(bytes) => {
+                                if engine_tx.write_all(&bytes).await.is_err() {
+                                    return End::EngineClosed;
+                                }
+                            }
+                            Verdict::Answer(bytes) => {
+                                if client_tx.write_all(&bytes).await.is_err() {
+                                    return End::ClientClosed;
+                                }
+                            }
+                            Verdict::Drop => {}
+                            Verdict::Disconnect(bytes) => {
+                                let _ = engine_tx.write_all(&bytes).await;
+                                let _ = engine_tx.flush().await;
+                                return End::ClientDisconnected;
+                            }
+                            Verdict::Close(end) => return end,
+                        }
+                        match client_rx.next().now_or_never() {
+                            Some(more) => next = more,
+                            None => break,
+                        }
+                    }
+                    if engine_tx.flush().await.is_err() {
+                        return End::EngineClosed;
+                    }
+                    if client_tx.flush().await.is_err() {
+                        return End::ClientClosed;
+                    }
+                }
+                frame = engine_rx.next() => {
+                    let mut next = frame;
+                    for _ in 0..MAX_BATCH {
+                        let Some(Ok(frame)) = next else { return End::EngineClosed };
+                        let bytes = filter.from_engine(protocol, frame);
+                        if client_tx.write_all(&bytes).await.is_err() {
+                            return End::ClientClosed;
+                        }
+                        match engine_rx.next().now_or_never() {
+                            Some(more) => next = more,
+                            None => break,
+                        }
+                    }
+                    if client_tx.flush().await.is_err() {
+                        return End::ClientClosed;
+                    }
+                }
+                _ = sleep_until(deadline) => return End::KeepAlive,
+                _ = cancel.cancelled() => return End::Cancelled,
+            }
+        }
+    }
+
+    fn refuse(&self, e: PacketError) -> End {
+        End::Refused(e.reason_code(), e.to_string())
+    }
+
+    fn from_client(&mut self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Verdict {
+        match frame.packet_type() {
+            packet::PUBLISH => self.check_publish(protocol, frame, filter),
+            packet::SUBSCRIBE => self.check_subscribe(protocol, frame, filter),
+            packet::DISCONNECT => Verdict::Disconnect(frame.raw),
+            packet::PUBACK
+            | packet::PUBREC
+            | packet::PUBREL
+            | packet::PUBCOMP
+            | packet::UNSUBSCRIBE
+            | packet::PINGREQ => Verdict::Forward(frame.raw),
+            other => {
+                let e = PacketError::Unexpected(other);
+                Verdict::Close(End::Refused(e.reason_code(), e.to_string()))
+            }
+        }
+    }
+
+    fn check_publish(&mut self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Verdict {
+        let mut publish = match packet::parse_publish(&frame, protocol) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Close(self.refuse(e)),
+        };
+        // Authorize the topic an alias stands for, tracked exactly as the engine tracks it.
+        if let Some(alias) = publish.topic_alias {
+            if !publish.topic.is_empty() {
+                filter.topic_aliases.insert(alias, publish.topic.clone());
+            } else if let Some(topic) = filter.topic_aliases.get(&alias) {
+                publish.topic = topic.clone();
+            } else {
+                return Verdict::Close(End::Refused(0x94, "unknown topic alias".into()));
+            }
+        }
+        if self.shared.acl.can_publish(&self.identity, &publish.topic) {
+            return Verdict::Forward(frame.raw);
+        }
+
+        counters().denied_publish.inc();
+        self.log_denial("publish", &publish.topic);
+        match (protocol, publish.packet_id) {
+            (Protocol::V5, Some(id)) => {
+                Verdict::Answer(packet::publish_refused(publish.qos, id, reason::NOT_AUTHORIZED))
+            }
+            (Protocol::V5, None) => Verdict::Drop,
+            // MQTT 3.1.1 has no way to refuse one publish: close the connection (§3.3.5).
+            (Protocol::V311, _) => Verdict::Close(End::Refused(
+                reason::NOT_AUTHORIZED,
+                format!("publish to {:?} not allowed", publish.topic),
+            )),
+        }
+    }
+
+    fn check_subscribe(&mut self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Verdict {
+        let subscribe = match packet::parse_subscribe(&frame, protocol) {
+            Ok(s) => s,
+            Err(e) => return Verdict::Close(self.refuse(e)),
+        };
+        let allowed: Vec<bool> = subscribe
+            .filters
+            .iter()
+            .map(|(f, _)| self.shared.acl.can_subscribe(&self.identity, f))
+            .collect();
+        for ((topic, _), ok) in subscribe.filters.iter().zip(&allowed) {
+            if !ok {
+                counters().denied_subscribe.inc();
+                self.log_denial("subscribe", topic);
+            }
+        }
+
+        if allowed.iter().all(|ok| *ok) {
+            return Verdict::Forward(frame.raw);
+        }
+        if !allowed.iter().any(|ok| *ok) {
+            let codes = vec![packet::suback_refused(protocol); allowed.len()];
+            return Verdict::Answer(packet::suback(protocol, subscribe.packet_id, &codes));
+        }
+        let forwarded = packet::encode_subscribe(&subscribe, protocol, &allowed);
+        filter.pending_subacks.insert(subscribe.packet_id, allowed);
+        Verdict::Forward(forwarded)
+    }
+
+    fn log_denial(&mut self, action: &str, topic: &str) {
+        self.denials += 1;
+        if self.denials <= DENIALS_LOGGED {
+            warn!(action, topic, "denied by ACL");
+        } else {
+            debug!(action, topic, "denied by ACL");
+        }
+    }
+
+    async fn finish<W: AsyncWrite + Unpin>(
+        &self,
+        protocol: Protocol,
+        end: End,
+        client_tx: &mut BufWriter<W>,
+    ) {
+        let code = match end {
+            End::ClientClosed => return debug!("connection closed by device"),
+            End::ClientDisconnected => return debug!("device disconnected"),
+            End::EngineClosed => {
+                debug!("session ended by the engine (taken over or refused)");
+                None
+            }
+            End::KeepAlive => {
+                info!("keepalive expired; disconnecting");
+                Some(reason::KEEP_ALIVE_TIMEOUT)
+            }
+            End::Cancelled => Some(reason::ADMINISTRATIVE_ACTION),
+            End::Refused(code, detail) => {
+                counters().protocol_errors.inc();
+                warn!(reason = format_args!("0x{code:02x}"), %detail, "closing connection");
+                Some(code)
+            }
+        };
+        if let Some(bytes) = code.and_then(|c| packet::disconnect(protocol, c)) {
+            let _ = client_tx.write_all(&bytes).await;
+        }
+        let _ = client_tx.flush().await;
+        let _ = client_tx.shutdown().await;
+    }
+}
+
+/// How long a client may stay silent: 1.5 times its keepalive (MQTT §3.1.2.10), with no
+/// keepalive or a very long one capped so that dead sockets are reclaimed.
+fn keep_alive_limit(keep_alive: u16, max: std::time::Duration) -> std::time::Duration {
+    let asked = std::time::Duration::from_millis(keep_alive as u64 * 1500);
+    if keep_alive == 0 {
+        max
+    } else {
+        asked.min(max)
+    }
+}
+
+enum Verdict {
+    /// Send these bytes to the engine.
+    Forward(Bytes),
+    /// Answer the client directly; nothing goes to the engine.
+    Answer(Bytes),
+    Drop,
+    /// The client's DISCONNECT: pass it on so that the engine discards the will.
+    Disconnect(Bytes),
+    Close(End),
+}
+
+/// State that spans both directions of one connection.
+#[derive(Default)]
+struct Filter {
+    /// SUBSCRIBE packets forwarded with some filters removed: which positions were kept, so
+    /// the engine's SUBACK can be widened back to one code per filter the client sent.
+    pending_subacks: HashMap<u16, Vec<bool>>,
+    /// MQTT 5 topic aliases the client has set; bounded by the 16-bit alias space.
+    topic_aliases: HashMap<u16, String>,
+}
+
+impl Filter {
+    fn from_engine(&mut self, protocol: Protocol, frame: Frame) -> Bytes {
+        if frame.packet_type() != packet::SUBACK || self.pending_subacks.is_empty() {
+            return frame.raw;
+        }
+        let Ok((id, codes)) = packet::parse_suback(&frame, protocol) else {
+            return frame.raw;
+        };
+        let Some(kept) = self.pending_subacks.remove(&id) else {
+            return frame.raw;
+        };
+        let mut engine_codes = codes.into_iter();
+        let widened: Vec<u8> = kept
+            .iter()
+            .map(|k| match k {
+                true => engine_codes.next().unwrap_or(packet::suback_refused(protocol)),
+                false => packet::suback_refused(protocol),
+            })
+            .collect();
+        packet::suback(protocol, id, &widened)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn keep_alive_is_one_and_a_half_times_with_a_cap() {
+        let max = Duration::from_secs(3600);
+        assert_eq!(keep_alive_limit(10, max), Duration::from_secs(15));
+        assert_eq!(keep_alive_limit(0, max), max);
+        assert_eq!(keep_alive_limit(u16::MAX, max), max);
+    }
+
+    #[test]
+    fn suback_is_widened_to_every_filter_sent() {
+        let mut filter = Filter::default();
+        filter.pending_subacks.insert(4, vec![false, true, false]);
+        let engine_ack = packet::suback(Protocol::V311, 4, &[1]);
+        let mut buf = bytes::BytesMut::from(&engine_ack[..]);
+        let frame = tokio_util::codec::Decoder::decode(
+            &mut FrameCodec {
+                max_packet_size: 64,
+            },
+            &mut buf,
+        )
+        .unwrap()
+        .unwrap();
+        let out = filter.from_engine(Protocol::V311, frame);
+        assert_eq!(&out[..], &[0x90, 5, 0, 4, 0x80, 1, 0x80]);
+    }
+}

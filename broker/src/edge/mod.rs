@@ -1,0 +1,115 @@
+//! The device listener: mutual TLS, identity, limits, and the packet filter in front of the
+//! engine.
+//!
+//! The accept loop only accepts, applies the cheap limits (total connections, connections per
+//! source address, handshake rate) and spawns; every handshake runs in its own task under a
+//! timeout, so idle or slow sockets never delay anyone else's connect.
+
+mod connection;
+mod limits;
+pub mod packet;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+pub use limits::Limits;
+pub use tls::TlsFiles;
+
+use crate::acl::Acl;
+use crate::engine::Engine;
+use crate::pki::IdentitySource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("binding the device listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Acl(#[from] crate::acl::AclError),
+}
+
+/// Everything the device listener needs, validated at start-up.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub identity: IdentitySource,
+    /// Mosquitto-style ACL file; `None` means the default (a device writes `devices/%c/#`
+    /// and reads `devices/%c/commands/#`).
+    pub acl_file: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+/// A running device listener.
+pub struct Edge {
+    local_addr: SocketAddr,
+}
+
+impl Edge {
+    /// Binds the listener and starts accepting. The returned handle reports the bound address
+    /// (useful with port 0); the listener lives as long as the runtime.
+    pub async fn start(config: EdgeConfig, engine: Engine) -> Result<Edge, EdgeError> {
+        let acl = match &config.acl_file {
+            Some(path) => Acl::load(path)?,
+            None => Acl::default_devices(),
+        };
+        let tls = Arc::new(tls::ReloadingAcceptor::new(config.tls.clone())?);
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+            EdgeError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = listener.local_addr().map_err(|source| EdgeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let shared = Arc::new(connection::Shared {
+            engine,
+            acl,
+            identity: config.identity,
+            limits: limits::LimitState::new(config.limits.clone()),
+            tls: tls.clone(),
+            live: Default::default(),
+        });
+        tokio::spawn(tls::watch_revocations(tls, shared.clone()));
+        tokio::spawn(accept_loop(listener, shared));
+        info!(%local_addr, "device listener (mutual TLS) ready");
+        Ok(Edge { local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<connection::Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning on the error.
+                warn!(cause = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(permit) = shared.limits.admit(peer.ip()) else {
+            debug!(%peer, "connection refused by limits");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection::serve(stream, peer, shared.clone(), permit));
+    }
+}

@@ -1,0 +1,154 @@
+//! The embedded rumqttd engine: routing, QoS, sessions and retained messages.
+//!
+//! It listens on loopback ports chosen at start-up and accepts only clients that present a
+//! secret generated for this process, which the edge and the in-process services hold. A
+//! device can therefore reach it only through the edge.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::distributions::{Alphanumeric, DistString};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use telemon_model::bus::BusConfig;
+use tracing::error;
+
+use crate::edge::packet::Protocol;
+
+/// The username every engine client presents; the password is the process secret.
+pub const ENGINE_USER: &str = "telemon-edge";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("reserving a loopback port for the engine: {0}")]
+    Port(std::io::Error),
+    #[error("starting the engine thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the engine did not start listening on {0} within 10 s")]
+    NotListening(SocketAddr),
+}
+
+/// Engine sizing. The edge enforces the device-facing limits below these.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub max_connections: usize,
+    pub max_payload_size: usize,
+    /// Unacknowledged QoS 1/2 messages in flight per connection. High enough that ingest,
+    /// which acknowledges only after a batch is committed, is never starved mid-batch.
+    pub max_inflight: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_connections: 21_000,
+            max_payload_size: 256 * 1024,
+            max_inflight: 2_000,
+        }
+    }
+}
+
+/// A running engine: where it listens and the secret it wants.
+#[derive(Clone)]
+pub struct Engine {
+    v4: SocketAddr,
+    v5: SocketAddr,
+    secret: Arc<str>,
+}
+
+impl Engine {
+    /// Starts rumqttd on its own threads and waits until it accepts connections.
+    pub fn start(settings: &EngineSettings) -> Result<Engine, EngineError> {
+        let secret: Arc<str> = Alphanumeric.sample_string(&mut rand::thread_rng(), 40).into();
+        let v4 = free_loopback_port()?;
+        let v5 = free_loopback_port()?;
+        let config = config(settings, v4, v5, &secret);
+
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let mut broker = rumqttd::Broker::new(config);
+                if let Err(e) = broker.start() {
+                    error!(cause = %e, "MQTT engine stopped");
+                }
+            })
+            .map_err(EngineError::Thread)?;
+
+        for addr in [v4, v5] {
+            wait_listening(addr)?;
+        }
+        Ok(Engine { v4, v5, secret })
+    }
+
+    pub fn addr(&self, protocol: Protocol) -> SocketAddr {
+        match protocol {
+            Protocol::V311 => self.v4,
+            Protocol::V5 => self.v5,
+        }
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// How an in-process service (ingest, alerts, API) reaches the engine directly.
+    pub fn bus(&self) -> BusConfig {
+        BusConfig {
+            host: self.v4.ip().to_string(),
+            port: self.v4.port(),
+            tls: None,
+            username: Some(ENGINE_USER.to_string()),
+            password: Some(self.secret.to_string()),
+        }
+    }
+}
+
+fn config(settings: &EngineSettings, v4: SocketAddr, v5: SocketAddr, secret: &str) -> Config {
+    let server = |name: &str, listen| ServerSettings {
+        name: name.to_string(),
+        listen,
+        tls: None,
+        // rumqttd sleeps this long after every accept; the edge already paces connections.
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: settings.max_payload_size,
+            max_inflight_count: settings.max_inflight,
+            auth: Some(HashMap::from([(ENGINE_USER.to_string(), secret.to_string())])),
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: settings.max_connections,
+            max_outgoing_packet_count: 200,
+            // Each subscription filter keeps up to count x size bytes in memory; a reader
+            // further behind than that skips ahead (rumqttd's CursorJump).
+            max_segment_size: 4 * 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("v4".to_string(), server("engine-v4", v4))])),
+        v5: Some(HashMap::from([("v5".to_string(), server("engine-v5", v5))])),
+        ..Default::default()
+    }
+}
+
+fn free_loopback_port() -> Result<SocketAddr, EngineError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(EngineError::Port)?;
+    listener.local_addr().map_err(EngineError::Port)
+}
+
+fn wait_listening(addr: SocketAddr) -> Result<(), EngineError> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(EngineError::NotListening(addr))
+}
