@@ -927,7 +927,7 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
 
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
+    use std::process::{Command, Stdio};
 
     use rustls::client::danger::ServerCertVerifier;
     use rustls::client::WebPkiServerVerifier;
@@ -1404,6 +1404,97 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    /// A child process killed when the test ends, however it ends.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Runs `cmd` for at most `secs` seconds; `Some(success)`, or `None` on timeout.
+    fn run_bounded(cmd: &mut Command, secs: u64) -> Option<bool> {
+        let mut child = Child(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        for _ in 0..secs * 20 {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return Some(status.success());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Starts Mosquitto on a free loopback port with the broker files of `pki`, requiring
+    /// client certificates and checking the CRL; returns it and its port.
+    fn start_mosquitto(pki: &Pki, server: &(PathBuf, PathBuf)) -> (Child, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = pki.dir().join(format!("mosquitto-{port}.conf"));
+        let text = format!(
+            "user root\npersistence false\nlog_dest none\nlistener {port} 127.0.0.1\n\
+             cafile {}\ncertfile {}\nkeyfile {}\ncrlfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\n",
+            pki.ca_path().display(),
+            server.0.display(),
+            server.1.display(),
+            pki.crl_path().display(),
+        );
+        fs::write(&conf, text).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto runs");
+        let child = Child(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (child, port);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("mosquitto did not listen on port {port}");
+    }
+
+    #[test]
+    fn mosquitto_accepts_issued_certificates_and_refuses_revoked_ones() {
+        let tmp = TempDir::new("mosquitto");
+        let pki = Pki::open_or_init(tmp.path()).unwrap();
+        let server = pki.ensure_server_cert(&[]).unwrap();
+        let device = pki.issue("bed-7", tmp.path(), 10).unwrap();
+        let publish = |port: u16| {
+            let mut cmd = Command::new("mosquitto_pub");
+            cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .arg("--cafile")
+                .arg(pki.ca_path())
+                .arg("--cert")
+                .arg(&device.cert_path)
+                .arg("--key")
+                .arg(&device.key_path)
+                .args(["-t", "devices/bed-7/telemetry", "-m", "{\"spo2\":97}"]);
+            run_bounded(&mut cmd, 10)
+        };
+
+        let (broker, port) = start_mosquitto(&pki, &server);
+        assert_eq!(publish(port), Some(true), "issued certificate refused");
+        drop(broker);
+
+        pki.revoke("bed-7").unwrap();
+        let (_broker, port) = start_mosquitto(&pki, &server);
+        assert_eq!(publish(port), Some(false), "revoked certificate accepted");
     }
 
     /// The files work for OpenSSL-based clients and brokers (mosquitto_pub, Mosquitto) too.
