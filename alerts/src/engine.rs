@@ -292,3 +292,556 @@ impl Engine {
 fn number(r: &Reading) -> Option<f64> {
     r.value.as_f64().filter(|v| v.is_finite())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::{LimitOverride, Patient};
+    use crate::rule::Scope;
+    use crate::rules::{News2, RateOfChange, Silent};
+    use chrono::TimeZone;
+    use telemon_model::{AlertState, DeviceId, Priority, Value};
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn reading(device: &str, metric: &str, value: f64, secs: i64) -> Reading {
+        Reading {
+            device_id: DeviceId::new(device).unwrap(),
+            metric: metric.into(),
+            time: at(secs),
+            value: Value::Number(value),
+            unit: None,
+        }
+    }
+
+    fn rule(id: &str, kind: RuleKind) -> Rule {
+        Rule {
+            id: id.into(),
+            name: None,
+            description: None,
+            priority: Priority::Medium,
+            scope: Scope::All,
+            enabled: true,
+            escalate_after: None,
+            kind,
+        }
+    }
+
+    fn hr_high(for_secs: u64) -> Rule {
+        rule(
+            "hr-high",
+            RuleKind::Threshold(Threshold {
+                metric: "heart_rate".into(),
+                above: Some(120.0),
+                below: None,
+                clear_above: Some(110.0),
+                clear_below: None,
+                for_: Duration::from_secs(for_secs),
+            }),
+        )
+    }
+
+    fn silent(after_secs: u64) -> Rule {
+        rule(
+            "silent",
+            RuleKind::Silent(Silent {
+                after: Duration::from_secs(after_secs),
+            }),
+        )
+    }
+
+    fn ward() -> Directory {
+        let in_ward = |ward: &str| Patient {
+            group: Some(ward.into()),
+            ..Default::default()
+        };
+        Directory::default()
+            .with_device("bed-1", "p1")
+            .with_device("bed-2", "p2")
+            .with_patient("p1", in_ward("ward-3"))
+            .with_patient("p2", in_ward("ward-4"))
+    }
+
+    fn engine(rules: Vec<Rule>) -> Engine {
+        Engine::new(rules, ward()).unwrap()
+    }
+
+    fn states(events: &[AlertEvent]) -> Vec<AlertState> {
+        events.iter().map(|e| e.state).collect()
+    }
+
+    /// Drives `heart_rate` on bed-1 (patient p1), one reading per second of `now`.
+    fn hr(e: &mut Engine, value: f64, secs: i64) -> Vec<AlertEvent> {
+        e.on_reading(&reading("bed-1", "heart_rate", value, secs), at(secs))
+    }
+
+    #[test]
+    fn pending_fires_once_the_breach_has_lasted_for() {
+        let mut e = engine(vec![hr_high(30)]);
+        let started = hr(&mut e, 130.0, 0);
+        assert_eq!(states(&started), [AlertState::Pending]);
+        assert_eq!(started[0].subject, "p1");
+        assert!(e.tick(at(29)).is_empty());
+        assert!(hr(&mut e, 131.0, 29).is_empty());
+
+        let fired = e.tick(at(30));
+        assert_eq!(states(&fired), [AlertState::Firing]);
+        assert_eq!(
+            fired[0].id, started[0].id,
+            "the id is stable across transitions"
+        );
+        assert_eq!((fired[0].value, fired[0].started_at), (Some(131.0), at(0)));
+        assert!(e.tick(at(31)).is_empty());
+    }
+
+    #[test]
+    fn breaching_reading_after_for_fires_without_a_tick() {
+        let mut e = engine(vec![hr_high(30)]);
+        hr(&mut e, 130.0, 0);
+        assert_eq!(states(&hr(&mut e, 130.0, 30)), [AlertState::Firing]);
+    }
+
+    #[test]
+    fn pending_is_cancelled_when_the_condition_clears_before_for() {
+        let mut e = engine(vec![hr_high(30)]);
+        let started = hr(&mut e, 130.0, 0);
+        let cancelled = hr(&mut e, 100.0, 10);
+        assert_eq!(states(&cancelled), [AlertState::Resolved]);
+        assert_eq!(cancelled[0].id, started[0].id);
+        assert!(
+            e.tick(at(60)).is_empty(),
+            "a cancelled alert must not fire later"
+        );
+        assert_eq!(e.active().count(), 0);
+    }
+
+    #[test]
+    fn firing_alert_clears_only_past_the_hysteresis_level() {
+        let mut e = engine(vec![hr_high(0)]);
+        assert_eq!(states(&hr(&mut e, 125.0, 0)), [AlertState::Firing]);
+        assert!(
+            hr(&mut e, 115.0, 1).is_empty(),
+            "115 is inside the 110-120 band"
+        );
+        assert!(hr(&mut e, 120.0, 2).is_empty());
+        assert_eq!(states(&hr(&mut e, 110.0, 3)), [AlertState::Resolved]);
+    }
+
+    #[test]
+    fn repeated_breaches_keep_one_alert() {
+        let mut e = engine(vec![hr_high(0)]);
+        hr(&mut e, 125.0, 0);
+        for secs in 1..20 {
+            assert!(hr(&mut e, 125.0 + secs as f64, secs).is_empty());
+        }
+        assert_eq!(e.active().count(), 1);
+    }
+
+    #[test]
+    fn acknowledged_alert_resolves_when_the_condition_clears() {
+        let mut e = engine(vec![hr_high(0)]);
+        let id = hr(&mut e, 125.0, 0)[0].id.clone();
+        let ack = e.acknowledge(&id, "nurse.jones", at(5)).unwrap();
+        assert_eq!(ack.state, AlertState::Acknowledged);
+        assert_eq!(ack.acknowledged_by.as_deref(), Some("nurse.jones"));
+        assert_eq!(ack.acknowledged_at, Some(at(5)));
+        assert!(
+            hr(&mut e, 130.0, 6).is_empty(),
+            "still breaching: stays acknowledged"
+        );
+
+        let resolved = hr(&mut e, 100.0, 7);
+        assert_eq!(states(&resolved), [AlertState::Resolved]);
+        assert_eq!(resolved[0].acknowledged_by.as_deref(), Some("nurse.jones"));
+        assert_eq!(resolved[0].id, id);
+    }
+
+    #[test]
+    fn unacknowledged_alert_resolves_too() {
+        let mut e = engine(vec![hr_high(0)]);
+        hr(&mut e, 125.0, 0);
+        let resolved = hr(&mut e, 90.0, 1);
+        assert_eq!(states(&resolved), [AlertState::Resolved]);
+        assert_eq!(resolved[0].acknowledged_by, None);
+    }
+
+    #[test]
+    fn acknowledgement_errors() {
+        let mut e = engine(vec![hr_high(30)]);
+        let id = hr(&mut e, 125.0, 0)[0].id.clone();
+        assert_eq!(
+            e.acknowledge(&id, "n", at(1)),
+            Err(AckError::NotFiring(id.clone()))
+        );
+        e.tick(at(30));
+        assert_eq!(e.acknowledge(&id, " ", at(31)), Err(AckError::MissingUser));
+        e.acknowledge(&id, "n", at(31)).unwrap();
+        assert!(matches!(
+            e.acknowledge(&id, "m", at(32)),
+            Err(AckError::AlreadyAcknowledged { .. })
+        ));
+        assert_eq!(
+            e.acknowledge("nope", "n", at(33)),
+            Err(AckError::UnknownAlert("nope".into()))
+        );
+    }
+
+    #[test]
+    fn unacknowledged_alert_escalates_each_period_until_high() {
+        let mut rule = hr_high(0);
+        rule.priority = Priority::Low;
+        rule.escalate_after = Some(Duration::from_secs(60));
+        let mut e = engine(vec![rule]);
+        let id = hr(&mut e, 125.0, 0)[0].id.clone();
+        assert!(e.tick(at(59)).is_empty());
+
+        let first = e.tick(at(60));
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].priority, first[0].state),
+            (Priority::Medium, AlertState::Firing)
+        );
+        assert_eq!(first[0].id, id);
+        assert!(e.tick(at(119)).is_empty());
+        assert_eq!(e.tick(at(120))[0].priority, Priority::High);
+        assert!(e.tick(at(1000)).is_empty(), "high is the top");
+    }
+
+    #[test]
+    fn acknowledged_alert_does_not_escalate() {
+        let mut rule = hr_high(0);
+        rule.escalate_after = Some(Duration::from_secs(60));
+        let mut e = engine(vec![rule]);
+        let id = hr(&mut e, 125.0, 0)[0].id.clone();
+        e.acknowledge(&id, "n", at(30)).unwrap();
+        assert!(e.tick(at(600)).is_empty());
+    }
+
+    #[test]
+    fn restored_alert_does_not_fire_again_and_resolves_with_its_id() {
+        let mut before = engine(vec![hr_high(0)]);
+        let fired = hr(&mut before, 125.0, 0);
+        let saved: Vec<AlertEvent> = before.active().cloned().collect();
+
+        let mut after = engine(vec![hr_high(0)]);
+        assert!(after.restore(saved, at(100)).is_empty());
+        assert!(
+            hr(&mut after, 130.0, 101).is_empty(),
+            "no duplicate fire after restart"
+        );
+        assert!(after.tick(at(102)).is_empty());
+        let resolved = hr(&mut after, 90.0, 103);
+        assert_eq!(states(&resolved), [AlertState::Resolved]);
+        assert_eq!(resolved[0].id, fired[0].id);
+    }
+
+    #[test]
+    fn restored_escalation_clock_keeps_running() {
+        let mut rule = hr_high(0);
+        rule.escalate_after = Some(Duration::from_secs(60));
+        let mut before = engine(vec![rule.clone()]);
+        hr(&mut before, 125.0, 0);
+
+        let mut after = engine(vec![rule]);
+        after.restore(before.active().cloned().collect(), at(50));
+        assert_eq!(after.tick(at(60))[0].priority, Priority::High);
+    }
+
+    #[test]
+    fn restored_alerts_of_removed_rules_resolve() {
+        let mut before = engine(vec![hr_high(0)]);
+        hr(&mut before, 125.0, 0);
+        let mut after = engine(vec![]);
+        let resolved = after.restore(before.active().cloned().collect(), at(10));
+        assert_eq!(states(&resolved), [AlertState::Resolved]);
+        assert_eq!(after.active().count(), 0);
+    }
+
+    #[test]
+    fn late_reading_neither_clears_nor_fires() {
+        let mut e = engine(vec![hr_high(0)]);
+        hr(&mut e, 125.0, 10);
+        let late = reading("bed-1", "heart_rate", 80.0, 5);
+        assert!(
+            e.on_reading(&late, at(11)).is_empty(),
+            "an older normal value must not clear"
+        );
+        hr(&mut e, 100.0, 12);
+
+        let late = reading("bed-1", "heart_rate", 150.0, 11);
+        assert!(
+            e.on_reading(&late, at(13)).is_empty(),
+            "an older breach must not fire"
+        );
+        let duplicate = reading("bed-1", "heart_rate", 150.0, 12);
+        assert!(e.on_reading(&duplicate, at(14)).is_empty());
+        assert_eq!(e.active().count(), 0);
+    }
+
+    #[test]
+    fn disabled_rule_raises_nothing_and_disabling_resolves() {
+        let mut off = hr_high(0);
+        off.enabled = false;
+        let mut e = engine(vec![off.clone()]);
+        assert!(hr(&mut e, 150.0, 0).is_empty());
+
+        let mut e = engine(vec![hr_high(0)]);
+        hr(&mut e, 150.0, 0);
+        let resolved = e.set_rules(vec![off], at(1)).unwrap();
+        assert_eq!(states(&resolved), [AlertState::Resolved]);
+        assert!(hr(&mut e, 160.0, 2).is_empty());
+    }
+
+    #[test]
+    fn changed_rules_apply_without_restart() {
+        let mut e = engine(vec![hr_high(0)]);
+        assert!(hr(&mut e, 115.0, 0).is_empty());
+        let mut stricter = hr_high(0);
+        if let RuleKind::Threshold(t) = &mut stricter.kind {
+            t.above = Some(100.0);
+            t.clear_above = None;
+        }
+        assert!(e.set_rules(vec![stricter], at(1)).unwrap().is_empty());
+        assert_eq!(states(&hr(&mut e, 115.0, 2)), [AlertState::Firing]);
+
+        let mut bad = hr_high(0);
+        bad.id = "bad id".into();
+        assert!(e.set_rules(vec![bad], at(3)).is_err());
+        assert_eq!(
+            e.rules()[0].id,
+            "hr-high",
+            "a refused rule set changes nothing"
+        );
+    }
+
+    #[test]
+    fn patient_override_replaces_the_group_limit() {
+        let mut group_rule = hr_high(0);
+        group_rule.scope = Scope::Group("ward-3".into());
+        let mut dir = ward().with_device("bed-3", "p3").with_patient(
+            "p3",
+            Patient {
+                group: Some("ward-3".into()),
+                ..Default::default()
+            },
+        );
+        let own = LimitOverride {
+            above: Some(140.0),
+            ..Default::default()
+        };
+        if let Some(p1) = dir.patients.get_mut("p1") {
+            p1.overrides.insert("hr-high".into(), own);
+        }
+        let mut e = Engine::new(vec![group_rule], dir).unwrap();
+
+        assert!(hr(&mut e, 130.0, 0).is_empty(), "p1's own limit is 140");
+        assert_eq!(states(&hr(&mut e, 141.0, 1)), [AlertState::Firing]);
+        let p3 = reading("bed-3", "heart_rate", 130.0, 0);
+        assert_eq!(
+            states(&e.on_reading(&p3, at(0))),
+            [AlertState::Firing],
+            "p3 keeps 120"
+        );
+        let p2 = reading("bed-2", "heart_rate", 200.0, 0);
+        assert!(e.on_reading(&p2, at(0)).is_empty(), "p2 is in another ward");
+    }
+
+    #[test]
+    fn patient_override_can_switch_a_rule_off() {
+        let mut dir = ward();
+        let off = LimitOverride {
+            enabled: Some(false),
+            ..Default::default()
+        };
+        if let Some(p1) = dir.patients.get_mut("p1") {
+            p1.overrides.insert("hr-high".into(), off);
+        }
+        let mut e = Engine::new(vec![hr_high(0)], dir).unwrap();
+        assert!(hr(&mut e, 200.0, 0).is_empty());
+    }
+
+    #[test]
+    fn silent_device_fires_after_the_quiet_period_and_clears_on_a_reading() {
+        let mut e = engine(vec![silent(60)]);
+        assert!(
+            e.tick(at(0)).is_empty(),
+            "starts the clock for directory devices"
+        );
+        assert!(e.tick(at(60)).is_empty());
+        hr(&mut e, 80.0, 30);
+
+        let fired = e.tick(at(61));
+        assert_eq!(states(&fired), [AlertState::Firing]);
+        assert_eq!(fired[0].subject, "bed-2", "silence is about the device");
+        assert_eq!(e.tick(at(91)).len(), 1, "bed-1 went quiet at 30");
+        assert!(e.tick(at(200)).is_empty(), "no duplicate while silent");
+
+        let back = hr(&mut e, 80.0, 201);
+        assert_eq!(states(&back), [AlertState::Resolved]);
+        assert_eq!(back[0].subject, "bed-1");
+    }
+
+    #[test]
+    fn offline_status_fires_at_once_and_online_clears() {
+        let mut e = engine(vec![silent(600)]);
+        let fired = e.on_status("bed-1", false, at(0));
+        assert_eq!(states(&fired), [AlertState::Firing]);
+        assert!(fired[0].message.contains("offline"), "{}", fired[0].message);
+        assert!(e.tick(at(1)).is_empty());
+        assert_eq!(
+            states(&e.on_status("bed-1", true, at(2))),
+            [AlertState::Resolved]
+        );
+    }
+
+    #[test]
+    fn silent_rule_watches_a_named_device_never_heard_from() {
+        let mut rule = silent(60);
+        rule.scope = Scope::Device("gateway-9".into());
+        let mut e = engine(vec![rule]);
+        e.tick(at(0));
+        let fired = e.tick(at(61));
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].subject, "gateway-9");
+    }
+
+    #[test]
+    fn restored_silence_alert_stays_until_the_device_is_heard() {
+        let mut before = engine(vec![silent(60)]);
+        before.on_status("bed-1", false, at(0));
+
+        let mut after = engine(vec![silent(60)]);
+        after.restore(before.active().cloned().collect(), at(100));
+        assert!(after.tick(at(101)).is_empty(), "not re-fired, not cleared");
+        assert!(after.tick(at(200)).iter().all(|e| e.subject != "bed-1"));
+        assert_eq!(after.active().filter(|e| e.subject == "bed-1").count(), 1);
+        assert_eq!(
+            states(&after.on_status("bed-1", true, at(201))),
+            [AlertState::Resolved]
+        );
+    }
+
+    #[test]
+    fn rate_of_change_fires_and_clears() {
+        let kind = RuleKind::RateOfChange(RateOfChange {
+            metric: "heart_rate".into(),
+            window: Duration::from_secs(60),
+            max_rise: Some(20.0),
+            max_fall: None,
+        });
+        let mut e = engine(vec![rule("hr-rate", kind)]);
+        assert!(hr(&mut e, 70.0, 0).is_empty());
+        assert_eq!(states(&hr(&mut e, 95.0, 30)), [AlertState::Firing]);
+        assert!(hr(&mut e, 96.0, 40).is_empty());
+        assert_eq!(
+            states(&hr(&mut e, 96.0, 100)),
+            [AlertState::Resolved],
+            "70 left the window"
+        );
+    }
+
+    fn observe(e: &mut Engine, device: &str, values: [f64; 7], secs: i64) -> Vec<AlertEvent> {
+        let metrics = crate::rules::news2::METRICS;
+        metrics
+            .iter()
+            .zip(values)
+            .flat_map(|(m, v)| e.on_reading(&reading(device, m, v, secs), at(secs)))
+            .collect()
+    }
+
+    const SEPTIC: [f64; 7] = [22.0, 95.0, 1.0, 105.0, 95.0, 0.0, 38.5];
+    const HEALTHY: [f64; 7] = [16.0, 97.0, 0.0, 120.0, 70.0, 0.0, 37.0];
+    const CONFUSED: [f64; 7] = [16.0, 97.0, 0.0, 120.0, 70.0, 1.0, 37.0];
+
+    #[test]
+    fn news2_alerts_on_the_patient_and_resolves() {
+        let mut e = engine(vec![rule("news2", RuleKind::News2(News2::default()))]);
+        let events = observe(&mut e, "bed-1", SEPTIC, 0);
+        assert_eq!(
+            states(&events),
+            [AlertState::Firing],
+            "scored once all seven are in"
+        );
+        let alert = &events[0];
+        assert_eq!(
+            (alert.subject.as_str(), alert.priority),
+            ("p1", Priority::High)
+        );
+        assert_eq!(
+            (alert.metric.as_deref(), alert.value),
+            (Some("news2"), Some(8.0))
+        );
+
+        // The score falls as each new value arrives: the priority follows it down before the
+        // alert resolves, all under one id.
+        let events = observe(&mut e, "bed-1", HEALTHY, 10);
+        assert_eq!(events.last().map(|e| e.state), Some(AlertState::Resolved));
+        assert!(events.iter().all(|e| e.id == alert.id));
+        assert_eq!(e.active().count(), 0);
+    }
+
+    #[test]
+    fn news2_for_a_device_without_patient_is_about_the_device() {
+        let mut e = engine(vec![rule("news2", RuleKind::News2(News2::default()))]);
+        let events = observe(&mut e, "loan-monitor", CONFUSED, 0);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].subject.as_str(), events[0].priority),
+            ("loan-monitor", Priority::Medium)
+        );
+    }
+
+    #[test]
+    fn news2_uses_the_patients_spo2_scale() {
+        let mut dir = ward();
+        if let Some(p1) = dir.patients.get_mut("p1") {
+            p1.spo2_scale = crate::news2::Spo2Scale::Two;
+        }
+        let mut e =
+            Engine::new(vec![rule("news2", RuleKind::News2(News2::default()))], dir).unwrap();
+        // SpO2 89 on air scores 3 on scale 1 (an urgent single 3) but 0 on scale 2.
+        let values = [16.0, 89.0, 0.0, 120.0, 70.0, 0.0, 37.0];
+        assert!(observe(&mut e, "bed-1", values, 0).is_empty());
+        assert_eq!(observe(&mut e, "bed-2", values, 0).len(), 1);
+    }
+
+    #[test]
+    fn worse_news2_on_an_acknowledged_alert_fires_again() {
+        let mut e = engine(vec![rule("news2", RuleKind::News2(News2::default()))]);
+        let id = observe(&mut e, "bed-1", CONFUSED, 0)[0].id.clone();
+        e.acknowledge(&id, "dr.who", at(1)).unwrap();
+
+        let events = observe(&mut e, "bed-1", SEPTIC, 10);
+        let last = events.last().unwrap();
+        assert_eq!(
+            (last.state, last.priority),
+            (AlertState::Firing, Priority::High)
+        );
+        assert_eq!(
+            (last.id.as_str(), last.acknowledged_by.as_deref()),
+            (id.as_str(), None)
+        );
+    }
+
+    #[test]
+    fn new_alert_after_resolution_gets_a_new_id_even_in_the_same_millisecond() {
+        let mut e = engine(vec![hr_high(0)]);
+        let first = hr(&mut e, 125.0, 0)[0].id.clone();
+        hr(&mut e, 100.0, 1);
+        let again = e.on_reading(&reading("bed-1", "heart_rate", 125.0, 2), at(1));
+        assert_eq!(again.len(), 1);
+        assert_ne!(again[0].id, first);
+        assert!(again[0].id.starts_with("hr-high:p1:"), "{}", again[0].id);
+    }
+
+    #[test]
+    fn engine_refuses_invalid_rules() {
+        let twice = vec![hr_high(0), hr_high(0)];
+        assert!(matches!(
+            Engine::new(twice, ward()),
+            Err(RuleError::DuplicateId(_))
+        ));
+    }
+}

@@ -61,8 +61,12 @@
 //! | `supplemental_oxygen` | boolean, or 0 (air) / 1 (oxygen) |
 //! | `systolic_bp` | mmHg |
 //! | `heart_rate` | pulse, beats per minute |
-//! | `consciousness` | ACVPU: 0 Alert, 1 new Confusion, 2 Voice, 3 Pain, 4 Unresponsive, or the letter |
+//! | `consciousness` | ACVPU code 0-4, or its letter (below) |
 //! | `temperature` | °C |
+//!
+//! Consciousness codes: 0 = A (alert), 1 = C (new confusion), 2 = V (responds to voice),
+//! 3 = P (responds to pain), 4 = U (unresponsive). A text value `"A"`..`"U"` is read too.
+//! Any other value leaves the parameter missing, so no score is computed.
 //!
 //! The subject's latest value of each metric is kept, from any of its devices. A score is
 //! computed only when all seven are present and none is older than the rule's `max_age`

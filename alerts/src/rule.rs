@@ -208,9 +208,8 @@ mod tests {
     #[test]
     fn refuses_invalid_rules_and_duplicate_ids() {
         let rule = |id: &str| {
-            format!(
-            "[[rule]]\nid = \"{id}\"\npriority = \"low\"\n[rule.kind]\ntype = \"silent\"\nafter = 60\n"
-        )
+            let kind = "[rule.kind]\ntype = \"silent\"\nafter = 60\n";
+            format!("[[rule]]\nid = \"{id}\"\npriority = \"low\"\n{kind}")
         };
         assert!(matches!(
             RuleFile::from_toml(&rule("a:b")),
