@@ -249,7 +249,6 @@ impl Pki {
         if cert.public_key().raw != key.public_key_der().as_slice() {
             return Err(PkiError::KeyMismatch { path: key_path });
         }
-        let key_id = subject_key_id(&cert).unwrap_or_default();
 
         let params =
             CertificateParams::from_ca_cert_der(&cert_der).map_err(|source| PkiError::Rcgen {
@@ -260,6 +259,10 @@ impl Pki {
             context: "loading the CA".into(),
             source,
         })?;
+
+        // What issued certificates and CRLs carry as authority key identifier: the CA's own
+        // subject key identifier when it has one, else the SHA-256 of its key.
+        let key_id = issuer.key_identifier();
 
         debug!(dir = %dir.display(), "opened certificate authority");
         Ok(Pki {
@@ -841,14 +844,6 @@ fn san_for(name: &str) -> Result<SanType, PkiError> {
     Ok(SanType::DnsName(dns))
 }
 
-fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
-    cert.iter_extensions()
-        .find_map(|ext| match ext.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
-            _ => None,
-        })
-}
-
 fn authority_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
     cert.iter_extensions()
         .find_map(|ext| match ext.parsed_extension() {
@@ -1122,6 +1117,42 @@ mod tests {
         let (number, serials) = crl_info(&pki);
         assert_eq!(number, "3");
         assert_eq!(serials, vec![a.record.serial, b.record.serial]);
+    }
+
+    #[test]
+    fn certificates_and_crls_name_the_ca_key() {
+        let tmp = TempDir::new("aki");
+        let pki = Pki::open_or_init(tmp.path()).unwrap();
+        let issued = pki.issue("bed-7", tmp.path(), 1).unwrap();
+
+        let ca_der = cert_der(&pki.ca_path());
+        let ca = parse_cert(&ca_der, "ca").unwrap();
+        let ski = ca
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                _ => None,
+            });
+        assert!(ski.is_some());
+
+        let device_der = cert_der(&issued.cert_path);
+        let device = parse_cert(&device_der, "device").unwrap();
+        assert_eq!(authority_key_id(&device), ski);
+
+        let crl_der =
+            CertificateRevocationListDer::from_pem_slice(&fs::read(pki.crl_path()).unwrap())
+                .unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&crl_der).unwrap();
+        let crl_aki = crl
+            .extensions()
+            .iter()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+                }
+                _ => None,
+            });
+        assert_eq!(crl_aki, ski);
     }
 
     #[test]
