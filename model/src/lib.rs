@@ -7,6 +7,7 @@
 pub mod alert;
 pub mod bus;
 pub mod device;
+pub mod health;
 pub mod metrics;
 pub mod reading;
 pub mod topic;

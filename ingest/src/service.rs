@@ -1,0 +1,384 @@
+//! The ingest service: subscribes to device topics, decodes, and stores in batches.
+//!
+//! Delivery is at least once from the broker to committed storage. The MQTT session is
+//! persistent (clean session off) at QoS 1 with manual acknowledgements: a message is
+//! acknowledged only after its batch is committed to the database or written to the local
+//! spool. Storage deduplicates on (device, metric, time), so a redelivered message never
+//! makes a second row. Subscriptions are made again on every connection, since a broker
+//! that lost the session (`session present = 0`) would otherwise send nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use telemon_model::bus::{BusConfig, BusError};
+use telemon_model::health::{Health, Status};
+use telemon_model::metrics::{self, Counter, Gauge};
+use telemon_store::{DeadLetter, Store};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::decode::{Decoder, Message, Rejection, ONLINE_METRIC};
+use crate::spool::{Spool, SpoolError, SpooledBatch};
+
+const HEALTH: &str = "ingest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    /// MQTT client id; the broker keeps this session's unacknowledged messages across
+    /// reconnects, so it must be stable across restarts.
+    pub client_id: String,
+    /// Shared-subscription group, for several ingest workers behind one broker.
+    pub shared_group: Option<String>,
+    /// Readings per database transaction: large enough to amortize the round trip.
+    pub batch_size: usize,
+    /// Longest a message waits for its batch to fill: bounds the latency added to storage.
+    pub batch_delay: Duration,
+    pub spool_dir: PathBuf,
+    /// Disk the spool may use before ingest stops acknowledging (and the broker holds on).
+    pub spool_max_bytes: u64,
+}
+
+impl IngestSettings {
+    pub fn new(spool_dir: PathBuf) -> Self {
+        IngestSettings {
+            client_id: "telemon-ingest".into(),
+            shared_group: None,
+            batch_size: 2_000,
+            batch_delay: Duration::from_millis(20),
+            spool_dir,
+            spool_max_bytes: 1 << 30,
+        }
+    }
+}
+
+struct Counters {
+    messages: Counter,
+    stored: Counter,
+    duplicates: Counter,
+    spooled: Counter,
+    spool_bytes: Gauge,
+    lag_ms: Gauge,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Counters {
+            messages: metrics::counter(
+                "telemon_ingest_messages_total",
+                "MQTT messages received by ingest.",
+                &[],
+            ),
+            stored: metrics::counter(
+                "telemon_ingest_readings_stored_total",
+                "Readings committed to storage.",
+                &[],
+            ),
+            duplicates: metrics::counter(
+                "telemon_ingest_readings_duplicate_total",
+                "Readings already stored (redeliveries), not stored again.",
+                &[],
+            ),
+            spooled: metrics::counter(
+                "telemon_ingest_readings_spooled_total",
+                "Readings written to the local spool while the database was unreachable.",
+                &[],
+            ),
+            spool_bytes: metrics::gauge(
+                "telemon_ingest_spool_bytes",
+                "Bytes waiting in the local spool.",
+                &[],
+            ),
+            lag_ms: metrics::gauge(
+                "telemon_ingest_lag_milliseconds",
+                "Time from receipt of the oldest message of the last batch to its commit.",
+                &[],
+            ),
+        }
+    }
+}
+
+fn dead_letter_counter(reason: &str) -> Counter {
+    metrics::counter(
+        "telemon_ingest_dead_letters_total",
+        "Messages or fields refused and sent to the dead-letter store, by reason.",
+        &[("reason", reason)],
+    )
+}
+
+/// Runs until the process ends.
+pub async fn run(
+    bus: BusConfig,
+    settings: IngestSettings,
+    decoder: Arc<Decoder>,
+    store: Store,
+    health: Health,
+) -> Result<(), IngestError> {
+    let mut options = bus.mqtt_options(&settings.client_id)?;
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    let (client, eventloop) = AsyncClient::new(options, 10_000);
+    let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
+
+    let filters: Vec<String> = decoder
+        .subscriptions()
+        .into_iter()
+        .map(|f| match &settings.shared_group {
+            Some(group) => format!("$share/{group}/{f}"),
+            None => f,
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel(settings.batch_size * 4);
+    health.set(HEALTH, Status::Starting, "connecting to the broker");
+    tokio::spawn(poll(eventloop, client.clone(), filters, tx, health.clone()));
+
+    let mut batcher = Batcher {
+        settings,
+        decoder,
+        store,
+        client,
+        spool,
+        health,
+        counters: Counters::new(),
+        refusal_log: Default::default(),
+    };
+    batcher.run(rx).await;
+    Ok(())
+}
+
+/// Drives the MQTT connection and hands messages to the batcher.
+async fn poll(
+    mut eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    filters: Vec<String>,
+    tx: mpsc::Sender<(Publish, DateTime<Utc>)>,
+    health: Health,
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if tx.send((publish, Utc::now())).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                info!(session_present = ack.session_present, "ingest connected to the broker");
+                let subscriptions = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                // Sent from the request queue that this same loop drains, so it must not wait.
+                if let Err(e) = client.try_subscribe_many(subscriptions) {
+                    error!(cause = %e, "could not subscribe");
+                }
+                health.set(HEALTH, Status::Ok, "");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(cause = %e, "broker connection lost; reconnecting");
+                health.set(HEALTH, Status::Degraded, "broker unreachable");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+struct Batcher {
+    settings: IngestSettings,
+    decoder: Arc<Decoder>,
+    store: Store,
+    client: AsyncClient,
+    spool: Spool,
+    health: Health,
+    counters: Counters,
+    refusal_log: std::collections::HashMap<String, Instant>,
+}
+
+/// What one batch of messages became.
+#[derive(Default)]
+struct Batch {
+    publishes: Vec<Publish>,
+    contents: SpooledBatch,
+    dead_letters: Vec<DeadLetter>,
+    oldest: Option<Instant>,
+}
+
+impl Batcher {
+    async fn run(&mut self, mut rx: mpsc::Receiver<(Publish, DateTime<Utc>)>) {
+        let mut last_drain = Instant::now();
+        loop {
+            let mut batch = Batch::default();
+            let first = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+            match first {
+                Ok(Some((publish, at))) => self.add(&mut batch, publish, at),
+                Ok(None) => return,
+                Err(_) => {}
+            }
+            let deadline = tokio::time::Instant::now() + self.settings.batch_delay;
+            while !batch.publishes.is_empty() && batch.contents.readings.len() < self.settings.batch_size {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some((publish, at))) => self.add(&mut batch, publish, at),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !batch.publishes.is_empty() {
+                self.commit(batch).await;
+            }
+            if last_drain.elapsed() >= Duration::from_secs(1) {
+                last_drain = Instant::now();
+                self.drain_spool().await;
+            }
+        }
+    }
+
+    fn add(&mut self, batch: &mut Batch, publish: Publish, received_at: DateTime<Utc>) {
+        self.counters.messages.inc();
+        batch.oldest.get_or_insert_with(Instant::now);
+        let topic = publish.topic.clone();
+        let message = Message {
+            topic: &topic,
+            payload: &publish.payload,
+            identity: None,
+            received_at,
+        };
+        match self.decoder.decode(&message) {
+            Ok(decoded) => {
+                for rejection in decoded.rejected {
+                    self.log_refusal(&topic, &rejection);
+                    batch.dead_letters.push(dead_letter(&message, rejection));
+                }
+                batch.contents.readings.extend(decoded.readings);
+            }
+            Err(rejection) => {
+                self.log_refusal(&topic, &rejection);
+                batch.dead_letters.push(dead_letter(&message, rejection));
+            }
+        }
+        batch.publishes.push(publish);
+    }
+
+    /// One warning per topic per interval: a device sending garbage at a high rate must not
+    /// flood the log. Every refusal is counted and dead-lettered regardless.
+    fn log_refusal(&mut self, topic: &str, rejection: &Rejection) {
+        const INTERVAL: Duration = Duration::from_secs(10);
+        let now = Instant::now();
+        if self.refusal_log.len() > 10_000 {
+            self.refusal_log.retain(|_, at| now.duration_since(*at) < INTERVAL);
+        }
+        let due = self
+            .refusal_log
+            .get(topic)
+            .is_none_or(|at| now.duration_since(*at) >= INTERVAL);
+        if due {
+            self.refusal_log.insert(topic.to_string(), now);
+            warn!(topic, reason = rejection.reason.as_str(), detail = %rejection.detail,
+                "reading refused; sent to the dead-letter store");
+        }
+    }
+
+    /// Commits a batch to the database, or else to the spool, then acknowledges it. When both
+    /// fail the batch is retried, unacknowledged, until one succeeds: nothing acknowledged is
+    /// ever lost.
+    async fn commit(&mut self, mut batch: Batch) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.store_batch(&batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(cause = %e, "database write failed; spooling the batch");
+                    batch.contents.dead_letters = batch.dead_letters.iter().map(Into::into).collect();
+                    match self.spool.append(&batch.contents) {
+                        Ok(()) => {
+                            self.counters.spooled.add(batch.contents.readings.len() as u64);
+                            self.counters.spool_bytes.set(self.spool.used_bytes() as i64);
+                            self.health.set(HEALTH, Status::Degraded, "database unreachable; spooling");
+                            break;
+                        }
+                        Err(e) => {
+                            error!(cause = %e, "spool write failed; holding the batch unacknowledged");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        }
+        for publish in &batch.publishes {
+            if let Err(e) = self.client.ack(publish).await {
+                debug!(cause = %e, "acknowledgement not sent; the broker will redeliver");
+            }
+        }
+        if let Some(oldest) = batch.oldest {
+            self.counters.lag_ms.set(oldest.elapsed().as_millis() as i64);
+        }
+    }
+
+    async fn store_batch(&self, batch: &Batch) -> Result<(), telemon_store::StoreError> {
+        let now = Utc::now();
+        let readings = &batch.contents.readings;
+        let inserted = self.store.insert_readings(readings, now).await?;
+        self.store.insert_dead_letters(&batch.dead_letters).await?;
+        for r in readings.iter().filter(|r| r.metric == ONLINE_METRIC) {
+            let online = r.value.as_f64().is_some_and(|v| v > 0.0);
+            self.store.set_online(r.device_id.as_str(), online, r.time).await?;
+        }
+        self.counters.stored.add(inserted);
+        self.counters.duplicates.add(readings.len() as u64 - inserted.min(readings.len() as u64));
+        for letter in &batch.dead_letters {
+            dead_letter_counter(&letter.reason).inc();
+        }
+        Ok(())
+    }
+
+    /// Writes spooled batches back, oldest first, while the database accepts them.
+    async fn drain_spool(&mut self) {
+        loop {
+            let (path, batch) = match self.spool.oldest() {
+                Ok(Some(found)) => found,
+                Ok(None) => return,
+                Err(e) => return error!(cause = %e, "spool unreadable"),
+            };
+            let letters: Vec<DeadLetter> = batch.dead_letters.into_iter().map(Into::into).collect();
+            let stored = async {
+                let inserted = self.store.insert_readings(&batch.readings, Utc::now()).await?;
+                self.store.insert_dead_letters(&letters).await?;
+                Ok::<_, telemon_store::StoreError>(inserted)
+            }
+            .await;
+            match stored {
+                Ok(inserted) => {
+                    self.counters.stored.add(inserted);
+                    if let Err(e) = self.spool.remove(&path) {
+                        return error!(cause = %e, "spooled batch stored but not removed");
+                    }
+                    self.counters.spool_bytes.set(self.spool.used_bytes() as i64);
+                    if self.spool.used_bytes() == 0 {
+                        info!("spool drained; database writes resumed");
+                        self.health.set(HEALTH, Status::Ok, "");
+                    }
+                }
+                Err(e) => return debug!(cause = %e, "database still unreachable"),
+            }
+        }
+    }
+}
+
+fn dead_letter(message: &Message<'_>, rejection: Rejection) -> DeadLetter {
+    DeadLetter {
+        received_at: message.received_at,
+        topic: message.topic.to_string(),
+        identity: message.identity.map(str::to_string),
+        reason: rejection.reason.as_str().to_string(),
+        detail: rejection.detail,
+        payload: message.payload.to_vec(),
+    }
+}
