@@ -2,7 +2,7 @@
 //! device status and the passing of time into alert transitions. Pure and synchronous: the
 //! caller owns I/O and the clock, and passes `now` in.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -60,27 +60,64 @@ impl Engine {
     /// Evaluates one reading. Any reading counts as a sign of life for silence rules; only a
     /// reading newer than the last one of its device and metric is evaluated further.
     pub fn on_reading(&mut self, r: &Reading, now: DateTime<Utc>) -> Vec<AlertEvent> {
-        let device = r.device_id.as_str();
-        let mut events = self.heard_from(device, now);
-        let key = (device.to_string(), r.metric.clone());
+        self.on_readings(std::slice::from_ref(r), now)
+    }
+
+    /// Evaluates the readings of one message together. NEWS2 is scored once per subject after
+    /// all of them are recorded, so a message carrying all seven vital signs moves a NEWS2
+    /// alert once rather than through a score per metric.
+    pub fn on_readings(&mut self, readings: &[Reading], now: DateTime<Utc>) -> Vec<AlertEvent> {
+        let mut events = Vec::new();
+        let mut to_score: BTreeMap<String, (String, DateTime<Utc>)> = BTreeMap::new();
+        for r in readings {
+            let device = r.device_id.as_str();
+            events.extend(self.heard_from(device, now));
+            if !self.is_newest(r) {
+                trace!(device, metric = %r.metric, time = %r.time, "late reading not evaluated");
+                continue;
+            }
+
+            let subject = self.directory.subject_of(device).to_string();
+            if NEWS2_METRICS.contains(&r.metric.as_str()) {
+                self.vitals
+                    .entry(subject.clone())
+                    .or_default()
+                    .record(&r.metric, r.time, &r.value);
+                let newest = to_score
+                    .get(&subject)
+                    .map_or(r.time, |(_, t)| r.time.max(*t));
+                to_score.insert(subject.clone(), (device.to_string(), newest));
+            }
+            events.extend(self.judge_reading(r, &subject, now));
+        }
+
+        for (subject, (device, time)) in to_score {
+            events.extend(self.judge_news2(&device, &subject, time, now));
+        }
+        events
+    }
+
+    /// Records the reading's time if it is newer than any seen for its device and metric.
+    fn is_newest(&mut self, r: &Reading) -> bool {
+        let key = (r.device_id.as_str().to_string(), r.metric.clone());
         if self.latest.get(&key).is_some_and(|seen| r.time <= *seen) {
-            trace!(device, metric = %r.metric, time = %r.time, "late reading not evaluated");
-            return events;
+            return false;
         }
         self.latest.insert(key, r.time);
+        true
+    }
 
-        let subject = self.directory.subject_of(device).to_string();
-        if NEWS2_METRICS.contains(&r.metric.as_str()) {
-            let vitals = self.vitals.entry(subject.clone()).or_default();
-            vitals.record(&r.metric, r.time, &r.value);
-        }
+    /// Threshold and rate-of-change rules on one reading.
+    fn judge_reading(&mut self, r: &Reading, subject: &str, now: DateTime<Utc>) -> Vec<AlertEvent> {
+        let device = r.device_id.as_str();
+        let mut events = Vec::new();
         for rule in &self.rules {
             if !rule.enabled || !rule.scope.covers(device, &self.directory) {
                 continue;
             }
             let verdict = match &rule.kind {
                 RuleKind::Threshold(t) if t.metric == r.metric => {
-                    self.threshold_verdict(rule, t, r, &subject)
+                    self.threshold_verdict(rule, t, r, subject)
                 }
                 RuleKind::RateOfChange(k) if k.metric == r.metric => {
                     let Some(value) = number(r) else { continue };
@@ -89,16 +126,34 @@ impl Engine {
                     history.push(r.time, value, k.window);
                     k.evaluate(history, value, rule.priority)
                 }
-                RuleKind::News2(k) if NEWS2_METRICS.contains(&r.metric.as_str()) => {
-                    let scale = self.directory.spo2_scale(&subject);
-                    match self.vitals.get(&subject) {
-                        Some(vitals) => k.evaluate(vitals, r.time, scale, rule.priority),
-                        None => Verdict::Hold,
-                    }
-                }
                 _ => continue,
             };
-            events.extend(self.alerts.apply(rule, &subject, verdict, now));
+            events.extend(self.alerts.apply(rule, subject, verdict, now));
+        }
+        events
+    }
+
+    /// NEWS2 rules covering the device, on its subject's observations as of `at`.
+    fn judge_news2(
+        &mut self,
+        device: &str,
+        subject: &str,
+        at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Vec<AlertEvent> {
+        let Some(vitals) = self.vitals.get(subject) else {
+            return Vec::new();
+        };
+        let scale = self.directory.spo2_scale(subject);
+        let mut events = Vec::new();
+        for rule in &self.rules {
+            let RuleKind::News2(k) = &rule.kind else {
+                continue;
+            };
+            if rule.enabled && rule.scope.covers(device, &self.directory) {
+                let verdict = k.evaluate(vitals, at, scale, rule.priority);
+                events.extend(self.alerts.apply(rule, subject, verdict, now));
+            }
         }
         events
     }
@@ -744,11 +799,12 @@ mod tests {
 
     fn observe(e: &mut Engine, device: &str, values: [f64; 7], secs: i64) -> Vec<AlertEvent> {
         let metrics = crate::rules::news2::METRICS;
-        metrics
+        let message: Vec<Reading> = metrics
             .iter()
             .zip(values)
-            .flat_map(|(m, v)| e.on_reading(&reading(device, m, v, secs), at(secs)))
-            .collect()
+            .map(|(m, v)| reading(device, m, v, secs))
+            .collect();
+        e.on_readings(&message, at(secs))
     }
 
     const SEPTIC: [f64; 7] = [22.0, 95.0, 1.0, 105.0, 95.0, 0.0, 38.5];
@@ -774,12 +830,25 @@ mod tests {
             (Some("news2"), Some(8.0))
         );
 
-        // The score falls as each new value arrives: the priority follows it down before the
-        // alert resolves, all under one id.
         let events = observe(&mut e, "bed-1", HEALTHY, 10);
+        assert_eq!(states(&events), [AlertState::Resolved]);
+        assert_eq!(events[0].id, alert.id);
+    }
+
+    #[test]
+    fn news2_follows_the_score_one_reading_at_a_time() {
+        let mut e = engine(vec![rule("news2", RuleKind::News2(News2::default()))]);
+        let id = observe(&mut e, "bed-1", SEPTIC, 0)[0].id.clone();
+
+        // Separate messages: the score falls as each new value arrives, and the priority
+        // follows it down before the alert resolves, all under one id.
+        let mut events = Vec::new();
+        for (m, v) in crate::rules::news2::METRICS.iter().zip(HEALTHY) {
+            events.extend(e.on_reading(&reading("bed-1", m, v, 10), at(10)));
+        }
+        assert_eq!(events.first().map(|e| e.priority), Some(Priority::Medium));
         assert_eq!(events.last().map(|e| e.state), Some(AlertState::Resolved));
-        assert!(events.iter().all(|e| e.id == alert.id));
-        assert_eq!(e.active().count(), 0);
+        assert!(events.iter().all(|e| e.id == id));
     }
 
     #[test]

@@ -194,6 +194,16 @@ mod tests {
     }
 
     #[test]
+    fn rules_round_trip_through_toml() {
+        let rules = RuleFile::from_toml(include_str!("../rules.toml")).unwrap();
+        let text = toml::to_string(&RuleFile {
+            rules: rules.clone(),
+        })
+        .unwrap();
+        assert_eq!(RuleFile::from_toml(&text).unwrap(), rules, "{text}");
+    }
+
+    #[test]
     fn refuses_unknown_fields_at_every_level() {
         let base = "[[rule]]\nid = \"x\"\npriority = \"low\"\n";
         let kind = "[rule.kind]\ntype = \"silent\"\nafter = \"1m\"\n";
