@@ -48,7 +48,11 @@
 //! and again after each further period, up to high. If the condition itself gets worse
 //! (a NEWS2 score going from urgent to emergency) an acknowledged alert fires again.
 //! Thresholds clear with hysteresis: only once the value is back past `clear_above` /
-//! `clear_below`. Disabling or removing a rule resolves its alerts.
+//! `clear_below`. This holds for pending alerts too: a value inside the band keeps a pending
+//! alert pending (it fires when `for` has passed), so a value hovering at the limit neither
+//! flaps between pending and cancelled nor restarts its `for`. Disabling or removing a rule
+//! resolves its alerts. A transition is emitted only when the state or the priority changes;
+//! new values of an alert already firing are not announced.
 //!
 //! # NEWS2
 //!
