@@ -6,4 +6,6 @@
 //!   refused.
 
 pub mod decode;
+pub mod service;
+pub mod spool;
 pub mod validate;

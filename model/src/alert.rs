@@ -89,3 +89,10 @@ pub struct AlertEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acknowledged_at: Option<DateTime<Utc>>,
 }
+
+/// A request to acknowledge an alert, from the API to the alerts service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AckRequest {
+    pub id: String,
+    pub by: String,
+}

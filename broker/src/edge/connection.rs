@@ -291,7 +291,7 @@ impl Session {
                             Some(Err(FrameError::Packet(e))) => return self.refuse(e),
                             Some(Err(FrameError::Io(_))) | None => return End::ClientClosed,
                         };
-                        match self.from_client(protocol, frame, &mut filter) {
+                        match self.client_packet(protocol, frame, &mut filter) {
                             Verdict::Forward(bytes) => {
                                 if engine_tx.write_all(&bytes).await.is_err() {
                                     return End::EngineClosed;
@@ -326,7 +326,7 @@ impl Session {
                     let mut next = frame;
                     for _ in 0..MAX_BATCH {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
-                        let bytes = filter.from_engine(protocol, frame);
+                        let bytes = filter.engine_packet(protocol, frame);
                         if client_tx.write_all(&bytes).await.is_err() {
                             return End::ClientClosed;
                         }
@@ -349,7 +349,7 @@ impl Session {
         End::Refused(e.reason_code(), e.to_string())
     }
 
-    fn from_client(&mut self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Verdict {
+    fn client_packet(&mut self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Verdict {
         match frame.packet_type() {
             packet::PUBLISH => self.check_publish(protocol, frame, filter),
             packet::SUBSCRIBE => self.check_subscribe(protocol, frame, filter),
@@ -504,7 +504,7 @@ struct Filter {
 }
 
 impl Filter {
-    fn from_engine(&mut self, protocol: Protocol, frame: Frame) -> Bytes {
+    fn engine_packet(&mut self, protocol: Protocol, frame: Frame) -> Bytes {
         if frame.packet_type() != packet::SUBACK || self.pending_subacks.is_empty() {
             return frame.raw;
         }
@@ -553,7 +553,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let out = filter.from_engine(Protocol::V311, frame);
+        let out = filter.engine_packet(Protocol::V311, frame);
         assert_eq!(&out[..], &[0x90, 5, 0, 4, 0x80, 1, 0x80]);
     }
 }
