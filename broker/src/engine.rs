@@ -60,7 +60,9 @@ pub struct Engine {
 impl Engine {
     /// Starts rumqttd on its own threads and waits until it accepts connections.
     pub fn start(settings: &EngineSettings) -> Result<Engine, EngineError> {
-        let secret: Arc<str> = Alphanumeric.sample_string(&mut rand::thread_rng(), 40).into();
+        let secret: Arc<str> = Alphanumeric
+            .sample_string(&mut rand::thread_rng(), 40)
+            .into();
         let v4 = free_loopback_port()?;
         let v5 = free_loopback_port()?;
         let config = config(settings, v4, v5, &secret);
@@ -75,10 +77,10 @@ impl Engine {
             })
             .map_err(EngineError::Thread)?;
 
-        for addr in [v4, v5] {
-            wait_listening(addr)?;
-        }
-        Ok(Engine { v4, v5, secret })
+        let engine = Engine { v4, v5, secret };
+        engine.wait_listening(Protocol::V311)?;
+        engine.wait_listening(Protocol::V5)?;
+        Ok(engine)
     }
 
     pub fn addr(&self, protocol: Protocol) -> SocketAddr {
@@ -115,7 +117,10 @@ fn config(settings: &EngineSettings, v4: SocketAddr, v5: SocketAddr, secret: &st
             connection_timeout_ms: 10_000,
             max_payload_size: settings.max_payload_size,
             max_inflight_count: settings.max_inflight,
-            auth: Some(HashMap::from([(ENGINE_USER.to_string(), secret.to_string())])),
+            auth: Some(HashMap::from([(
+                ENGINE_USER.to_string(),
+                secret.to_string(),
+            )])),
             external_auth: None,
             dynamic_filters: true,
         },
@@ -142,13 +147,38 @@ fn free_loopback_port() -> Result<SocketAddr, EngineError> {
     listener.local_addr().map_err(EngineError::Port)
 }
 
-fn wait_listening(addr: SocketAddr) -> Result<(), EngineError> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+impl Engine {
+    /// Waits until the engine answers a real CONNECT on the protocol's port. A bare TCP probe
+    /// would make rumqttd log a failed connection at error level.
+    fn wait_listening(&self, protocol: Protocol) -> Result<(), EngineError> {
+        let addr = self.addr(protocol);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if self.probe(protocol).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        Err(EngineError::NotListening(addr))
     }
-    Err(EngineError::NotListening(addr))
+
+    fn probe(&self, protocol: Protocol) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+
+        let timeout = Some(Duration::from_millis(500));
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&self.addr(protocol), Duration::from_millis(200))?;
+        stream.set_read_timeout(timeout)?;
+        let connect = crate::edge::packet::probe_connect(
+            protocol,
+            "telemon-probe",
+            ENGINE_USER,
+            &self.secret,
+        );
+        stream.write_all(&connect)?;
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack[..2])?;
+        // DISCONNECT with no reason code: normal disconnection in both protocol versions.
+        stream.write_all(&[0xe0, 0x00])
+    }
 }

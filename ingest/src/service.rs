@@ -8,6 +8,7 @@
 //! that lost the session (`session present = 0`) would otherwise send nothing.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,19 +117,81 @@ fn dead_letter_counter(reason: &str) -> Counter {
     )
 }
 
-/// Runs until the process ends.
-pub async fn run(
+/// Progress of a running ingest service, for a clean shutdown.
+#[derive(Clone, Default)]
+pub struct IngestHandle {
+    received: Arc<AtomicU64>,
+    acknowledged: Arc<AtomicU64>,
+}
+
+impl IngestHandle {
+    /// Messages received but not yet committed and acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        let received = self.received.load(Ordering::SeqCst);
+        received.saturating_sub(self.acknowledged.load(Ordering::SeqCst))
+    }
+
+    /// Waits until everything received is committed and nothing new arrived for `quiet`, or
+    /// `max` passes. Returns whether ingest went quiet. Used at shutdown, after devices are
+    /// disconnected, so that what the broker acknowledged to them is stored before exit.
+    pub async fn drain(&self, quiet: Duration, max: Duration) -> bool {
+        let start = Instant::now();
+        let mut last_seen = self.received.load(Ordering::SeqCst);
+        let mut quiet_since = Instant::now();
+        while start.elapsed() < max {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let received = self.received.load(Ordering::SeqCst);
+            if received != last_seen {
+                last_seen = received;
+                quiet_since = Instant::now();
+            }
+            if self.in_flight() == 0 && quiet_since.elapsed() >= quiet {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Starts ingest in the background.
+pub async fn start(
     bus: BusConfig,
     settings: IngestSettings,
     decoder: Arc<Decoder>,
     store: Store,
     health: Health,
-) -> Result<(), IngestError> {
+) -> Result<IngestHandle, IngestError> {
+    let handle = IngestHandle::default();
+    let task_handle = handle.clone();
     let mut options = bus.mqtt_options(&settings.client_id)?;
     options.set_clean_session(false);
     options.set_manual_acks(true);
-    let (client, eventloop) = AsyncClient::new(options, 10_000);
     let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
+    tokio::spawn(async move {
+        run(
+            options,
+            settings,
+            decoder,
+            store,
+            health,
+            spool,
+            task_handle,
+        )
+        .await;
+    });
+    Ok(handle)
+}
+
+async fn run(
+    options: rumqttc::MqttOptions,
+    settings: IngestSettings,
+    decoder: Arc<Decoder>,
+    store: Store,
+    health: Health,
+    spool: Spool,
+    handle: IngestHandle,
+) {
+    let (client, eventloop) = AsyncClient::new(options, 10_000);
 
     let filters: Vec<String> = decoder
         .subscriptions()
@@ -140,7 +203,15 @@ pub async fn run(
         .collect();
     let (tx, rx) = mpsc::channel(settings.batch_size * 4);
     health.set(HEALTH, Status::Starting, "connecting to the broker");
-    tokio::spawn(poll(eventloop, client.clone(), filters, tx, health.clone()));
+    let received = handle.received.clone();
+    tokio::spawn(poll(
+        eventloop,
+        client.clone(),
+        filters,
+        tx,
+        health.clone(),
+        received,
+    ));
 
     let mut batcher = Batcher {
         settings,
@@ -151,9 +222,9 @@ pub async fn run(
         health,
         counters: Counters::new(),
         refusal_log: Default::default(),
+        acknowledged: handle.acknowledged,
     };
     batcher.run(rx).await;
-    Ok(())
 }
 
 /// Drives the MQTT connection and hands messages to the batcher.
@@ -163,16 +234,21 @@ async fn poll(
     filters: Vec<String>,
     tx: mpsc::Sender<(Publish, DateTime<Utc>)>,
     health: Health,
+    received: Arc<AtomicU64>,
 ) {
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                received.fetch_add(1, Ordering::SeqCst);
                 if tx.send((publish, Utc::now())).await.is_err() {
                     return;
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(session_present = ack.session_present, "ingest connected to the broker");
+                info!(
+                    session_present = ack.session_present,
+                    "ingest connected to the broker"
+                );
                 let subscriptions = filters
                     .iter()
                     .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
@@ -201,6 +277,7 @@ struct Batcher {
     health: Health,
     counters: Counters,
     refusal_log: std::collections::HashMap<String, Instant>,
+    acknowledged: Arc<AtomicU64>,
 }
 
 /// What one batch of messages became.
@@ -224,7 +301,9 @@ impl Batcher {
                 Err(_) => {}
             }
             let deadline = tokio::time::Instant::now() + self.settings.batch_delay;
-            while !batch.publishes.is_empty() && batch.contents.readings.len() < self.settings.batch_size {
+            while !batch.publishes.is_empty()
+                && batch.contents.readings.len() < self.settings.batch_size
+            {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some((publish, at))) => self.add(&mut batch, publish, at),
                     Ok(None) | Err(_) => break,
@@ -272,7 +351,8 @@ impl Batcher {
         const INTERVAL: Duration = Duration::from_secs(10);
         let now = Instant::now();
         if self.refusal_log.len() > 10_000 {
-            self.refusal_log.retain(|_, at| now.duration_since(*at) < INTERVAL);
+            self.refusal_log
+                .retain(|_, at| now.duration_since(*at) < INTERVAL);
         }
         let due = self
             .refusal_log
@@ -295,12 +375,21 @@ impl Batcher {
                 Ok(()) => break,
                 Err(e) => {
                     warn!(cause = %e, "database write failed; spooling the batch");
-                    batch.contents.dead_letters = batch.dead_letters.iter().map(Into::into).collect();
+                    batch.contents.dead_letters =
+                        batch.dead_letters.iter().map(Into::into).collect();
                     match self.spool.append(&batch.contents) {
                         Ok(()) => {
-                            self.counters.spooled.add(batch.contents.readings.len() as u64);
-                            self.counters.spool_bytes.set(self.spool.used_bytes() as i64);
-                            self.health.set(HEALTH, Status::Degraded, "database unreachable; spooling");
+                            self.counters
+                                .spooled
+                                .add(batch.contents.readings.len() as u64);
+                            self.counters
+                                .spool_bytes
+                                .set(self.spool.used_bytes() as i64);
+                            self.health.set(
+                                HEALTH,
+                                Status::Degraded,
+                                "database unreachable; spooling",
+                            );
                             break;
                         }
                         Err(e) => {
@@ -317,8 +406,12 @@ impl Batcher {
                 debug!(cause = %e, "acknowledgement not sent; the broker will redeliver");
             }
         }
+        self.acknowledged
+            .fetch_add(batch.publishes.len() as u64, Ordering::SeqCst);
         if let Some(oldest) = batch.oldest {
-            self.counters.lag_ms.set(oldest.elapsed().as_millis() as i64);
+            self.counters
+                .lag_ms
+                .set(oldest.elapsed().as_millis() as i64);
         }
     }
 
@@ -329,10 +422,14 @@ impl Batcher {
         self.store.insert_dead_letters(&batch.dead_letters).await?;
         for r in readings.iter().filter(|r| r.metric == ONLINE_METRIC) {
             let online = r.value.as_f64().is_some_and(|v| v > 0.0);
-            self.store.set_online(r.device_id.as_str(), online, r.time).await?;
+            self.store
+                .set_online(r.device_id.as_str(), online, r.time)
+                .await?;
         }
         self.counters.stored.add(inserted);
-        self.counters.duplicates.add(readings.len() as u64 - inserted.min(readings.len() as u64));
+        self.counters
+            .duplicates
+            .add(readings.len() as u64 - inserted.min(readings.len() as u64));
         for letter in &batch.dead_letters {
             dead_letter_counter(&letter.reason).inc();
         }
@@ -349,7 +446,10 @@ impl Batcher {
             };
             let letters: Vec<DeadLetter> = batch.dead_letters.into_iter().map(Into::into).collect();
             let stored = async {
-                let inserted = self.store.insert_readings(&batch.readings, Utc::now()).await?;
+                let inserted = self
+                    .store
+                    .insert_readings(&batch.readings, Utc::now())
+                    .await?;
                 self.store.insert_dead_letters(&letters).await?;
                 Ok::<_, telemon_store::StoreError>(inserted)
             }
@@ -360,7 +460,9 @@ impl Batcher {
                     if let Err(e) = self.spool.remove(&path) {
                         return error!(cause = %e, "spooled batch stored but not removed");
                     }
-                    self.counters.spool_bytes.set(self.spool.used_bytes() as i64);
+                    self.counters
+                        .spool_bytes
+                        .set(self.spool.used_bytes() as i64);
                     if self.spool.used_bytes() == 0 {
                         info!("spool drained; database writes resumed");
                         self.health.set(HEALTH, Status::Ok, "");

@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub limits: LimitState,
     pub tls: Arc<ReloadingAcceptor>,
     pub live: Mutex<HashMap<u64, LiveConnection>>,
+    /// Cancelled at shutdown: stops the accept loop and ends every live connection.
+    pub shutdown: CancellationToken,
 }
 
 pub(crate) struct LiveConnection {
@@ -105,7 +107,12 @@ fn counters() -> &'static Counters {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: Permit) {
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Permit,
+) {
     let _permit = permit;
     let limits = &shared.limits.config;
     let acceptor = shared.tls.acceptor();
@@ -228,7 +235,7 @@ impl Session {
             }
         };
 
-        let cancel = CancellationToken::new();
+        let cancel = self.shared.shutdown.child_token();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         self.shared.live.lock().insert(
             id,
@@ -251,7 +258,8 @@ impl Session {
         let engine = &self.shared.engine;
         let mut upstream = TcpStream::connect(engine.addr(connect.protocol)).await?;
         upstream.set_nodelay(true)?;
-        let rewritten = packet::encode_connect(connect, &self.identity, ENGINE_USER, engine.secret());
+        let rewritten =
+            packet::encode_connect(connect, &self.identity, ENGINE_USER, engine.secret());
         upstream.write_all(&rewritten).await?;
         Ok(upstream)
     }
@@ -389,9 +397,11 @@ impl Session {
         counters().denied_publish.inc();
         self.log_denial("publish", &publish.topic);
         match (protocol, publish.packet_id) {
-            (Protocol::V5, Some(id)) => {
-                Verdict::Answer(packet::publish_refused(publish.qos, id, reason::NOT_AUTHORIZED))
-            }
+            (Protocol::V5, Some(id)) => Verdict::Answer(packet::publish_refused(
+                publish.qos,
+                id,
+                reason::NOT_AUTHORIZED,
+            )),
             (Protocol::V5, None) => Verdict::Drop,
             // MQTT 3.1.1 has no way to refuse one publish: close the connection (§3.3.5).
             (Protocol::V311, _) => Verdict::Close(End::Refused(
@@ -401,7 +411,12 @@ impl Session {
         }
     }
 
-    fn check_subscribe(&mut self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Verdict {
+    fn check_subscribe(
+        &mut self,
+        protocol: Protocol,
+        frame: Frame,
+        filter: &mut Filter,
+    ) -> Verdict {
         let subscribe = match packet::parse_subscribe(&frame, protocol) {
             Ok(s) => s,
             Err(e) => return Verdict::Close(self.refuse(e)),
@@ -518,7 +533,9 @@ impl Filter {
         let widened: Vec<u8> = kept
             .iter()
             .map(|k| match k {
-                true => engine_codes.next().unwrap_or(packet::suback_refused(protocol)),
+                true => engine_codes
+                    .next()
+                    .unwrap_or(packet::suback_refused(protocol)),
                 false => packet::suback_refused(protocol),
             })
             .collect();

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use limits::Limits;
@@ -53,6 +54,7 @@ pub struct EdgeConfig {
 /// A running device listener.
 pub struct Edge {
     local_addr: SocketAddr,
+    shared: Arc<connection::Shared>,
 }
 
 impl Edge {
@@ -64,12 +66,13 @@ impl Edge {
             None => Acl::default_devices(),
         };
         let tls = Arc::new(tls::ReloadingAcceptor::new(config.tls.clone())?);
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
-            EdgeError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| EdgeError::Bind {
             addr: config.listen,
             source,
@@ -82,21 +85,37 @@ impl Edge {
             limits: limits::LimitState::new(config.limits.clone()),
             tls: tls.clone(),
             live: Default::default(),
+            shutdown: CancellationToken::new(),
         });
         tokio::spawn(tls::watch_revocations(tls, shared.clone()));
-        tokio::spawn(accept_loop(listener, shared));
+        tokio::spawn(accept_loop(listener, shared.clone()));
         info!(%local_addr, "device listener (mutual TLS) ready");
-        Ok(Edge { local_addr })
+        Ok(Edge { local_addr, shared })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+
+    /// Device connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.live.lock().len()
+    }
+
+    /// Stops accepting and closes every device connection. Devices see a DISCONNECT
+    /// (MQTT 5) or a close, and reconnect elsewhere or later with their sessions.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<connection::Shared>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Usually EMFILE: back off briefly instead of spinning on the error.

@@ -350,8 +350,12 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, PacketError> {
         }
         None
     };
-    let username = (flags & 0x80 != 0).then(|| get_string(&mut buf)).transpose()?;
-    let password = (flags & 0x40 != 0).then(|| get_binary(&mut buf)).transpose()?;
+    let username = (flags & 0x80 != 0)
+        .then(|| get_string(&mut buf))
+        .transpose()?;
+    let password = (flags & 0x40 != 0)
+        .then(|| get_binary(&mut buf))
+        .transpose()?;
     Ok(Connect {
         protocol,
         clean_start: flags & 0x02 != 0,
@@ -401,6 +405,21 @@ pub fn encode_connect(connect: &Connect, client_id: &str, username: &str, passwo
     put_binary(&mut body, username.as_bytes());
     put_binary(&mut body, password.as_bytes());
     packet(CONNECT << 4, &body)
+}
+
+/// A minimal clean-session CONNECT with credentials, for probing the engine.
+pub fn probe_connect(protocol: Protocol, client_id: &str, username: &str, password: &str) -> Bytes {
+    let connect = Connect {
+        protocol,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: String::new(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Bytes::new(),
+    };
+    encode_connect(&connect, client_id, username, password)
 }
 
 fn packet(header: u8, body: &[u8]) -> Bytes {
@@ -646,13 +665,25 @@ mod tests {
         let p = parse_publish(&whole(b"\x32\x07\0\x03a/b\0\x01"), Protocol::V311).unwrap();
         assert_eq!((p.topic.as_str(), p.qos, p.packet_id), ("a/b", 1, Some(1)));
         let empty = whole(b"\x30\x02\0\0");
-        assert_eq!(parse_publish(&empty, Protocol::V311), Err(PacketError::InvalidTopic));
+        assert_eq!(
+            parse_publish(&empty, Protocol::V311),
+            Err(PacketError::InvalidTopic)
+        );
         let wild = whole(b"\x30\x03\0\x01#");
-        assert_eq!(parse_publish(&wild, Protocol::V311), Err(PacketError::InvalidTopic));
+        assert_eq!(
+            parse_publish(&wild, Protocol::V311),
+            Err(PacketError::InvalidTopic)
+        );
         let qos3 = whole(b"\x36\x03\0\x01a");
-        assert_eq!(parse_publish(&qos3, Protocol::V311), Err(PacketError::InvalidQos));
+        assert_eq!(
+            parse_publish(&qos3, Protocol::V311),
+            Err(PacketError::InvalidQos)
+        );
         let bad_utf8 = whole(b"\x30\x04\0\x02\xc3\x28");
-        assert_eq!(parse_publish(&bad_utf8, Protocol::V311), Err(PacketError::InvalidUtf8));
+        assert_eq!(
+            parse_publish(&bad_utf8, Protocol::V311),
+            Err(PacketError::InvalidUtf8)
+        );
     }
 
     #[test]
@@ -660,7 +691,10 @@ mod tests {
         let p = parse_publish(&whole(b"\x30\x05\0\0\x03\x23\0\x07"), Protocol::V5).unwrap();
         assert_eq!(p.topic_alias, Some(7));
         let no_alias = whole(b"\x30\x03\0\0\0");
-        assert_eq!(parse_publish(&no_alias, Protocol::V5), Err(PacketError::InvalidTopic));
+        assert_eq!(
+            parse_publish(&no_alias, Protocol::V5),
+            Err(PacketError::InvalidTopic)
+        );
         let unknown = whole(b"\x30\x06\0\x01a\x02\x7f\0");
         assert_eq!(
             parse_publish(&unknown, Protocol::V5),
@@ -683,15 +717,27 @@ mod tests {
             Err(PacketError::ReservedFlags)
         );
         let none = whole(b"\x82\x02\0\x01");
-        assert_eq!(parse_subscribe(&none, Protocol::V311), Err(PacketError::NoFilters));
+        assert_eq!(
+            parse_subscribe(&none, Protocol::V311),
+            Err(PacketError::NoFilters)
+        );
     }
 
     #[test]
     fn written_packets_parse_back() {
         let ack = whole(&suback(Protocol::V5, 9, &[0, 0x87]));
-        assert_eq!(parse_suback(&ack, Protocol::V5).unwrap(), (9, vec![0, 0x87]));
-        assert_eq!(&connack_refused(Protocol::V311, reason::NOT_AUTHORIZED)[..], &[0x20, 2, 0, 5]);
-        assert_eq!(&publish_refused(1, 0x0102, 0x87)[..], &[0x40, 3, 1, 2, 0x87]);
+        assert_eq!(
+            parse_suback(&ack, Protocol::V5).unwrap(),
+            (9, vec![0, 0x87])
+        );
+        assert_eq!(
+            &connack_refused(Protocol::V311, reason::NOT_AUTHORIZED)[..],
+            &[0x20, 2, 0, 5]
+        );
+        assert_eq!(
+            &publish_refused(1, 0x0102, 0x87)[..],
+            &[0x40, 3, 1, 2, 0x87]
+        );
         assert!(disconnect(Protocol::V311, reason::MALFORMED).is_none());
     }
 }

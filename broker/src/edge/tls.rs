@@ -108,7 +108,11 @@ fn pem(path: &Path, source: rustls::pki_types::pem::Error) -> TlsError {
 
 fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut out = vec![mtime(&files.ca_bundle), mtime(&files.cert), mtime(&files.key)];
+    let mut out = vec![
+        mtime(&files.ca_bundle),
+        mtime(&files.cert),
+        mtime(&files.key),
+    ];
     out.push(files.crl.as_deref().and_then(mtime));
     out
 }

@@ -1,0 +1,202 @@
+//! `telemon up`: every service in one process, on an embedded default that needs nothing
+//! installed or configured.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use telemon_broker::edge::{Edge, EdgeConfig, Limits, TlsFiles};
+use telemon_broker::engine::{Engine, EngineSettings};
+use telemon_broker::pki::{IdentitySource, Pki};
+use telemon_dashboard_api::{Api, Auth};
+use telemon_ingest::decode::{DecodeConfig, Decoder};
+use telemon_ingest::service::IngestSettings;
+use telemon_model::health::{Health, Status};
+use tracing::{info, warn};
+
+use crate::data_dir;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Address of the device listener (MQTT over mutual TLS).
+    #[arg(long, default_value = "0.0.0.0:8883")]
+    mqtt_listen: SocketAddr,
+
+    /// Address of the HTTP API and dashboard.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+
+    /// Run this many simulated vital-sign monitors against the broker.
+    #[arg(long, default_value_t = 0)]
+    simulate: usize,
+
+    /// Alert rules file (TOML); the built-in defaults when absent.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+
+    /// Topic mappings for foreign conventions (TOML, see ingest/mappings.toml).
+    #[arg(long)]
+    mappings: Option<PathBuf>,
+
+    /// Mosquitto-style ACL file; the default lets a device write devices/<its id>/# and read
+    /// devices/<its id>/commands/#.
+    #[arg(long)]
+    acl: Option<PathBuf>,
+
+    /// Extra DNS names or IP addresses for the broker's certificate (localhost and loopback
+    /// are always included).
+    #[arg(long, value_delimiter = ',')]
+    server_name: Vec<String>,
+
+    /// Where the device identity is read from in client certificates.
+    #[arg(long, default_value = "cn")]
+    identity: IdentitySource,
+
+    /// Once ready, write the bound addresses here as JSON (for scripts and tests that
+    /// listen on port 0).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let health = Health::default();
+    for part in ["broker", "ingest", "alerts", "api-live"] {
+        health.set(part, Status::Starting, "");
+    }
+
+    let pki = Pki::open_or_init(&data_dir::certs(data_dir)).context("opening the CA")?;
+    let (server_cert, server_key) = pki
+        .ensure_server_cert(&args.server_name)
+        .context("issuing the broker certificate")?;
+    let token = data_dir::admin_token(data_dir)?;
+    let store = data_dir::open_store(data_dir, database_url).await?;
+    let decoder = Arc::new(load_decoder(args.mappings.as_deref())?);
+
+    let engine = Engine::start(&EngineSettings::default()).context("starting the MQTT engine")?;
+    let edge_config = EdgeConfig {
+        listen: args.mqtt_listen,
+        tls: TlsFiles {
+            ca_bundle: pki.ca_path(),
+            crl: Some(pki.crl_path()),
+            cert: server_cert,
+            key: server_key,
+        },
+        identity: args.identity,
+        acl_file: args.acl.clone(),
+        limits: Limits::default(),
+    };
+    let edge = Edge::start(edge_config, engine.clone())
+        .await
+        .context("starting the broker")?;
+    health.set("broker", Status::Ok, "");
+
+    let ingest = telemon_ingest::service::start(
+        engine.bus(),
+        IngestSettings::new(data_dir::spool(data_dir)),
+        decoder.clone(),
+        store.clone(),
+        health.clone(),
+    )
+    .await
+    .context("starting ingest")?;
+
+    let api = Api::start(
+        args.http_listen,
+        Auth::new(token),
+        store.clone(),
+        health.clone(),
+        engine.bus(),
+        decoder.clone(),
+    )
+    .await
+    .context("starting the HTTP API")?;
+
+    tokio::spawn(refresh_crl(pki));
+    announce(data_dir, &edge, &api, &args)?;
+
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    info!("stopping: disconnecting devices, then storing what they sent");
+    edge.shutdown();
+    if !ingest
+        .drain(Duration::from_millis(300), Duration::from_secs(15))
+        .await
+    {
+        warn!(
+            in_flight = ingest.in_flight(),
+            "stopped before ingest went quiet"
+        );
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {
+    let Some(path) = mappings else {
+        return Ok(Decoder::native_only());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config =
+        DecodeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
+    Decoder::from_config(config).with_context(|| format!("in {}", path.display()))
+}
+
+/// Keeps the CRL's next-update in the future: verifiers that enforce it (OpenSSL, Mosquitto)
+/// would otherwise refuse every device once it passes.
+async fn refresh_crl(pki: Pki) {
+    let period = Duration::from_secs(6 * 3600);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tick.tick().await;
+        if let Err(e) = pki.refresh_crl() {
+            warn!(cause = %e, "CRL not refreshed");
+        }
+    }
+}
+
+fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::Result<()> {
+    let mqtt = edge.local_addr();
+    let http = api.local_addr();
+    let certs = data_dir::certs(data_dir);
+    let token_path = data_dir::admin_token_path(data_dir);
+    if let Some(path) = &args.ready_file {
+        let ready = serde_json::json!({
+            "mqtt": mqtt.to_string(),
+            "http": http.to_string(),
+            "ca": certs.join("ca.crt"),
+            "admin_token_file": token_path,
+        });
+        std::fs::write(path, ready.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let host = if mqtt.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        mqtt.ip().to_string()
+    };
+    let dir = data_dir.display();
+    println!(
+        "\ntelemon is up.\n\
+         \n  API and dashboard  http://{http}/\
+         \n  admin token        {token}  (Authorization: Bearer $(cat {token}))\
+         \n  MQTT (mutual TLS)  {host}:{port}\
+         \n\nPublish as a new device:\
+         \n  ./target/release/telemon --data-dir {dir} certs issue bed-7 --out {dir}/devices\
+         \n  mosquitto_pub -h {host} -p {port} --cafile {ca} \\\
+         \n    --cert {dir}/devices/bed-7.crt --key {dir}/devices/bed-7.key \\\
+         \n    -t devices/bed-7/telemetry -q 1 -m '{{\"heart_rate\": 71, \"spo2\": 97}}'\
+         \n\nRead it back:\
+         \n  curl -H \"Authorization: Bearer $(cat {token})\" http://{http}/api/v1/devices/bed-7/readings\
+         \n\nCtrl-C stops.\n",
+        token = token_path.display(),
+        port = mqtt.port(),
+        ca = certs.join("ca.crt").display(),
+    );
+    Ok(())
+}
