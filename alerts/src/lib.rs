@@ -16,6 +16,11 @@
 //! - [`news2`]: NEWS2 scoring, a pure function.
 //! - [`duration`]: the duration syntax of rule files.
 //! - `lifecycle` (private): pending, firing, acknowledged, resolved; escalation.
+//! - [`service`]: the running service: MQTT in, the engine in one task, every transition
+//!   published, stored and sent to webhooks; rule changes without a restart.
+//! - [`notify`]: webhooks, signed, retried with backoff from their own tasks.
+//! - `recorder` (private): storing transitions in order, queued in memory while the store
+//!   is down.
 //!
 //! # Time
 //!
@@ -94,11 +99,15 @@ pub mod duration;
 mod engine;
 mod lifecycle;
 pub mod news2;
+pub mod notify;
+mod recorder;
 pub mod rule;
 pub mod rules;
+pub mod service;
 
 pub use directory::{Directory, LimitOverride, Patient};
 pub use engine::Engine;
 pub use lifecycle::AckError;
 pub use news2::{ClinicalRisk, Consciousness, News2Score, Observations, Spo2Scale};
 pub use rule::{Rule, RuleError, RuleFile, RuleKind, Scope};
+pub use service::{AlertsError, AlertsHandle, AlertsSettings, SetRulesError};

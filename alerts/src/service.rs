@@ -1,0 +1,652 @@
+//! The alerts service: feeds the live MQTT stream to the [`Engine`] and sends every alert
+//! transition on: published on `alerts/{subject}`, stored with its history, and handed to
+//! the webhooks.
+//!
+//! Tasks:
+//! - the MQTT task polls the connection, decodes device messages with the ingest
+//!   [`Decoder`] (so mapped ecosystems are evaluated too) and reads acknowledgement requests;
+//! - the engine task owns the [`Engine`] alone: readings, acknowledgements, rule changes
+//!   and a tick reach it through one channel, and it publishes each transition before
+//!   anything else so that dashboards see it first;
+//! - the recorder task stores transitions, queueing them in memory while the store is down
+//!   (see `recorder`);
+//! - one task per webhook (see [`crate::notify`]).
+//!
+//! The MQTT session is clean: the service is a live evaluator, and readings missed while it
+//! was away are judged by ingest's storage, not replayed. Subscriptions are made again on
+//! every connection, since rumqttc does not restore them.
+//!
+//! At start-up the active alerts are loaded from the store, so after a restart none is lost
+//! and none fires twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
+use telemon_ingest::decode::{Decoder, Message, ONLINE_METRIC};
+use telemon_model::alert::AckRequest;
+use telemon_model::bus::{BusConfig, BusError};
+use telemon_model::health::{Health, Status};
+use telemon_model::metrics::{self, Counter, Gauge};
+use telemon_model::topic::{alert_topic, ALERT_ACK_TOPIC};
+use telemon_model::{AlertEvent, AlertState, Reading};
+use telemon_store::{AlertQuery, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, trace, warn};
+
+use crate::lifecycle::AckError;
+use crate::notify::{Notifier, NotifyError, RetryPolicy, Webhook};
+use crate::recorder::Recorder;
+use crate::rule::{validate_rules, Rule, RuleError, RuleFile};
+use crate::{Directory, Engine};
+
+const HEALTH: &str = "alerts";
+
+/// Inputs waiting for the engine. Deep enough for bursts from thousands of devices; when it
+/// is full the MQTT task waits, and the broker holds messages back.
+const INPUT_QUEUE: usize = 10_000;
+/// Transitions waiting for the recorder, which drains them into its own retry queue.
+const RECORD_QUEUE: usize = 4_096;
+/// MQTT requests (publishes, subscriptions) waiting for the connection.
+const MQTT_QUEUE: usize = 1_000;
+/// Tries at loading active alerts from the store at start-up, a second apart and more.
+const RESTORE_TRIES: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertsError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Webhook(#[from] NotifyError),
+    #[error("loading active alerts from the store: {0}")]
+    Restore(#[source] StoreError),
+}
+
+/// Why a rule change through [`AlertsHandle::set_rules`] did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SetRulesError {
+    #[error(transparent)]
+    Invalid(#[from] RuleError),
+    #[error("saving rules to {path}: {source}")]
+    Save {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("encoding rules: {0}")]
+    Encode(#[from] toml::ser::Error),
+    /// The engine task has ended (the process is shutting down).
+    #[error("the alerts service is not running")]
+    Stopped,
+}
+
+#[derive(Clone, Debug)]
+pub struct AlertsSettings {
+    /// MQTT client id. Two evaluators with one id would disconnect each other.
+    pub client_id: String,
+    /// Where rule changes made through [`AlertsHandle::set_rules`] are saved (TOML, the rule
+    /// file format), so that they survive a restart. Not saved when absent.
+    pub rules_file: Option<PathBuf>,
+    pub webhooks: Vec<Webhook>,
+    pub webhook_retry: RetryPolicy,
+    /// How often `for` durations, silence and escalation are checked: the error on each.
+    pub tick: Duration,
+    /// Transitions held in memory while the store is down; past this the oldest are dropped.
+    pub store_queue: usize,
+}
+
+impl Default for AlertsSettings {
+    fn default() -> Self {
+        AlertsSettings {
+            client_id: "telemon-alerts".into(),
+            rules_file: None,
+            webhooks: Vec::new(),
+            webhook_retry: RetryPolicy::default(),
+            tick: Duration::from_secs(1),
+            store_queue: 10_000,
+        }
+    }
+}
+
+/// Runs the service until the process ends.
+pub async fn run(
+    bus: BusConfig,
+    settings: AlertsSettings,
+    rules: Vec<Rule>,
+    directory: Directory,
+    decoder: Arc<Decoder>,
+    store: Store,
+    health: Health,
+) -> Result<(), AlertsError> {
+    let handle = start(bus, settings, rules, directory, decoder, store, health).await?;
+    handle.inputs.closed().await;
+    Ok(())
+}
+
+/// Starts the service in background tasks and returns a handle to manage its rules.
+pub async fn start(
+    bus: BusConfig,
+    settings: AlertsSettings,
+    rules: Vec<Rule>,
+    directory: Directory,
+    decoder: Arc<Decoder>,
+    store: Store,
+    health: Health,
+) -> Result<AlertsHandle, AlertsError> {
+    let health = Arc::new(ServiceHealth::new(health));
+    let engine = Engine::new(rules, directory)?;
+    let notifier = Notifier::start(settings.webhooks.clone(), settings.webhook_retry)?;
+    let active = load_active(&store).await?;
+    info!(active = active.len(), "restoring active alerts");
+
+    let options = bus.mqtt_options(&settings.client_id)?;
+    let (client, eventloop) = AsyncClient::new(options, MQTT_QUEUE);
+    let (records, record_rx) = mpsc::channel(RECORD_QUEUE);
+    tokio::spawn(Recorder::new(store, settings.store_queue, health.clone()).run(record_rx));
+
+    let mut evaluator = Evaluator {
+        outlet: Outlet {
+            client: client.clone(),
+            records,
+            notifier,
+            counters: Counters::new(),
+        },
+        engine,
+    };
+    // Restored before any reading is evaluated, so nothing fires twice.
+    let restored = evaluator.engine.restore(active, Utc::now());
+    evaluator.emit(restored).await;
+
+    let (inputs, input_rx) = mpsc::channel(INPUT_QUEUE);
+    let mut filters = decoder.subscriptions();
+    filters.push(ALERT_ACK_TOPIC.to_string());
+    tokio::spawn(evaluator.run(input_rx, settings.tick));
+    let mqtt = Mqtt {
+        client,
+        filters,
+        decoder,
+        inputs: inputs.clone(),
+        health,
+        ack_invalid: ack_error_counter("invalid"),
+    };
+    tokio::spawn(mqtt.run(eventloop));
+
+    Ok(AlertsHandle {
+        inputs,
+        rules_file: settings.rules_file,
+        changing: Arc::new(tokio::sync::Mutex::new(())),
+    })
+}
+
+/// Active alerts from the store, retried a few times: a database still starting must not
+/// make the service start without them (they would fire a second time).
+async fn load_active(store: &Store) -> Result<Vec<AlertEvent>, AlertsError> {
+    let query = AlertQuery {
+        active_only: true,
+        limit: i64::from(i32::MAX),
+        ..Default::default()
+    };
+    let mut wait = Duration::from_secs(1);
+    let mut tries = 1;
+    loop {
+        match store.alerts(&query).await {
+            Ok(active) => return Ok(active),
+            Err(e) if tries < RESTORE_TRIES && e.is_unavailable() => {
+                warn!(cause = %e, "store unreachable; retrying the load of active alerts");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                tries += 1;
+            }
+            Err(e) => return Err(AlertsError::Restore(e)),
+        }
+    }
+}
+
+/// Manages a running service: read and replace its rules without a restart. Cheap to clone.
+#[derive(Clone)]
+pub struct AlertsHandle {
+    inputs: mpsc::Sender<Input>,
+    rules_file: Option<PathBuf>,
+    /// One rule change at a time, so the saved file and the engine agree on the last one.
+    changing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl AlertsHandle {
+    /// The rules in force; empty once the service has stopped.
+    pub async fn rules(&self) -> Vec<Rule> {
+        let (reply, answer) = oneshot::channel();
+        if self.inputs.send(Input::Rules(reply)).await.is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Validates the rules, saves them to the rules file (when configured) and puts them in
+    /// force. Alerts of rules removed or disabled resolve; the others carry on under the new
+    /// limits from the next reading. Nothing changes when validation or saving fails.
+    pub async fn set_rules(&self, rules: Vec<Rule>) -> Result<(), SetRulesError> {
+        validate_rules(&rules)?;
+        let _one_at_a_time = self.changing.lock().await;
+        if let Some(path) = &self.rules_file {
+            save_rules(path, &rules).await?;
+        }
+
+        let (reply, answer) = oneshot::channel();
+        let sent = self.inputs.send(Input::SetRules(rules, reply)).await;
+        sent.map_err(|_| SetRulesError::Stopped)?;
+        answer.await.map_err(|_| SetRulesError::Stopped)??;
+        Ok(())
+    }
+}
+
+/// Writes the rule file beside itself and renames it over, so that a crash mid-write never
+/// leaves a truncated file for the next start.
+async fn save_rules(path: &Path, rules: &[Rule]) -> Result<(), SetRulesError> {
+    let file = RuleFile {
+        rules: rules.to_vec(),
+    };
+    let text = toml::to_string(&file)?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".new");
+    let temporary = PathBuf::from(temporary);
+    let save = |source| SetRulesError::Save {
+        path: path.to_path_buf(),
+        source,
+    };
+    tokio::fs::write(&temporary, text).await.map_err(save)?;
+    tokio::fs::rename(&temporary, path).await.map_err(save)?;
+    debug!(path = %path.display(), rules = rules.len(), "rules saved");
+    Ok(())
+}
+
+/// What the engine task is asked to do.
+enum Input {
+    /// The readings of one message.
+    Readings(Vec<Reading>),
+    Ack(AckRequest),
+    Rules(oneshot::Sender<Vec<Rule>>),
+    SetRules(Vec<Rule>, oneshot::Sender<Result<(), RuleError>>),
+}
+
+/// The engine task: the only owner of the engine.
+struct Evaluator {
+    engine: Engine,
+    outlet: Outlet,
+}
+
+impl Evaluator {
+    async fn run(mut self, mut inputs: mpsc::Receiver<Input>, tick: Duration) {
+        let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(input) => self.handle(input).await,
+                    None => return,
+                },
+                _ = ticker.tick() => {
+                    let events = self.engine.tick(Utc::now());
+                    self.emit(events).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, input: Input) {
+        let now = Utc::now();
+        let events = match input {
+            Input::Readings(readings) => {
+                let mut events = self.engine.on_readings(&readings, now);
+                for r in readings.iter().filter(|r| r.metric == ONLINE_METRIC) {
+                    let online = r.value.as_f64().is_some_and(|v| v > 0.0);
+                    events.extend(self.engine.on_status(r.device_id.as_str(), online, now));
+                }
+                events
+            }
+            Input::Ack(request) => match self.engine.acknowledge(&request.id, &request.by, now) {
+                Ok(event) => vec![event],
+                Err(e) => {
+                    warn!(alert = %request.id, by = %request.by, cause = %e,
+                        "acknowledgement refused");
+                    ack_error_counter(ack_error_reason(&e)).inc();
+                    Vec::new()
+                }
+            },
+            Input::Rules(reply) => {
+                let _ = reply.send(self.engine.rules().to_vec());
+                Vec::new()
+            }
+            Input::SetRules(rules, reply) => match self.engine.set_rules(rules, now) {
+                Ok(events) => {
+                    info!(rules = self.engine.rules().len(), "rules replaced");
+                    let _ = reply.send(Ok(()));
+                    events
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    Vec::new()
+                }
+            },
+        };
+        self.emit(events).await;
+    }
+
+    async fn emit(&mut self, events: Vec<AlertEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        for event in events {
+            self.outlet.send(event).await;
+        }
+        self.outlet.count_active(self.engine.active());
+    }
+}
+
+/// Where transitions go: MQTT first (the dashboards' live feed), then the store and webhooks.
+struct Outlet {
+    client: AsyncClient,
+    records: mpsc::Sender<AlertEvent>,
+    notifier: Notifier,
+    counters: Counters,
+}
+
+impl Outlet {
+    async fn send(&mut self, event: AlertEvent) {
+        debug!(alert = %event.id, state = event.state.as_str(),
+            priority = event.priority.as_str(), "alert transition");
+        self.counters.transition(event.state).inc();
+        match serde_json::to_vec(&event) {
+            Ok(payload) => {
+                let topic = alert_topic(&event.subject);
+                // Never waits: a broker that is away must not stop evaluation. The
+                // transition is still stored, and the API reads alerts from the store.
+                if let Err(e) = self
+                    .client
+                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                {
+                    self.counters.unpublished.inc();
+                    warn!(alert = %event.id, cause = %e, "alert transition not published");
+                }
+            }
+            Err(e) => warn!(alert = %event.id, cause = %e, "alert not serializable"),
+        }
+        self.notifier.notify(&event);
+        if self.records.send(event).await.is_err() {
+            debug!("recorder stopped; transition not stored");
+        }
+    }
+
+    fn count_active<'a>(&self, active: impl Iterator<Item = &'a AlertEvent>) {
+        let mut counts = [0_i64; 3];
+        for event in active {
+            match event.state {
+                AlertState::Pending => counts[0] += 1,
+                AlertState::Firing => counts[1] += 1,
+                AlertState::Acknowledged => counts[2] += 1,
+                AlertState::Resolved => {}
+            }
+        }
+        for (gauge, count) in self.counters.active.iter().zip(counts) {
+            gauge.set(count);
+        }
+    }
+}
+
+struct Counters {
+    /// Per state, in the order of [`AlertState`]: pending, firing, acknowledged, resolved.
+    transitions: [Counter; 4],
+    /// Pending, firing, acknowledged.
+    active: [Gauge; 3],
+    unpublished: Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        let transitions = |state: &str| {
+            metrics::counter(
+                "telemon_alerts_transitions_total",
+                "Alert transitions, by the state entered.",
+                &[("state", state)],
+            )
+        };
+        let active = |state: &str| {
+            metrics::gauge(
+                "telemon_alerts_active",
+                "Active alerts, by state.",
+                &[("state", state)],
+            )
+        };
+        Counters {
+            transitions: ["pending", "firing", "acknowledged", "resolved"].map(transitions),
+            active: ["pending", "firing", "acknowledged"].map(active),
+            unpublished: metrics::counter(
+                "telemon_alerts_unpublished_total",
+                "Alert transitions not published on MQTT: the client queue was full.",
+                &[],
+            ),
+        }
+    }
+
+    fn transition(&self, state: AlertState) -> &Counter {
+        let index = match state {
+            AlertState::Pending => 0,
+            AlertState::Firing => 1,
+            AlertState::Acknowledged => 2,
+            AlertState::Resolved => 3,
+        };
+        &self.transitions[index]
+    }
+}
+
+fn ack_error_counter(reason: &str) -> Counter {
+    metrics::counter(
+        "telemon_alerts_ack_errors_total",
+        "Acknowledgement requests refused, by reason.",
+        &[("reason", reason)],
+    )
+}
+
+fn ack_error_reason(e: &AckError) -> &'static str {
+    match e {
+        AckError::UnknownAlert(_) => "unknown_alert",
+        AckError::NotFiring(_) => "not_firing",
+        AckError::AlreadyAcknowledged { .. } => "already_acknowledged",
+        AckError::MissingUser => "missing_user",
+    }
+}
+
+/// The MQTT task: the connection, subscriptions, and turning messages into engine inputs.
+struct Mqtt {
+    client: AsyncClient,
+    filters: Vec<String>,
+    decoder: Arc<Decoder>,
+    inputs: mpsc::Sender<Input>,
+    health: Arc<ServiceHealth>,
+    ack_invalid: Counter,
+}
+
+impl Mqtt {
+    async fn run(self, mut eventloop: rumqttc::EventLoop) {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let Some(input) = self.input(&publish) else {
+                        continue;
+                    };
+                    if self.inputs.send(input).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    info!(
+                        session_present = ack.session_present,
+                        "alerts connected to the broker"
+                    );
+                    let subscriptions = self
+                        .filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    // Queued for this same loop to send, so it must not wait.
+                    if let Err(e) = self.client.try_subscribe_many(subscriptions) {
+                        warn!(cause = %e, "could not subscribe");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => self.health.broker(Broker::Up),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(cause = %e, "broker connection lost; reconnecting");
+                    self.health.broker(Broker::Down);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn input(&self, publish: &Publish) -> Option<Input> {
+        if publish.topic == ALERT_ACK_TOPIC {
+            return match serde_json::from_slice::<AckRequest>(&publish.payload) {
+                Ok(request) => Some(Input::Ack(request)),
+                Err(e) => {
+                    warn!(cause = %e, "acknowledgement request is not valid JSON");
+                    self.ack_invalid.inc();
+                    None
+                }
+            };
+        }
+
+        let message = Message {
+            topic: &publish.topic,
+            payload: &publish.payload,
+            identity: None,
+            received_at: Utc::now(),
+        };
+        // Refused messages and fields are ingest's to dead-letter and count.
+        match self.decoder.decode(&message) {
+            Ok(decoded) if !decoded.readings.is_empty() => Some(Input::Readings(decoded.readings)),
+            Ok(_) => None,
+            Err(rejection) => {
+                trace!(topic = %publish.topic, reason = rejection.reason.as_str(), "not evaluated");
+                None
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Broker {
+    Connecting = 0,
+    Up = 1,
+    Down = 2,
+}
+
+/// The service's health, from two sources: the broker connection and the store queue.
+pub(crate) struct ServiceHealth {
+    health: Health,
+    broker: AtomicU8,
+    queued: AtomicUsize,
+    /// Serializes reports so that the last one written reflects the latest of both sources.
+    report: parking_lot::Mutex<()>,
+}
+
+impl ServiceHealth {
+    pub(crate) fn new(health: Health) -> Self {
+        health.set(HEALTH, Status::Starting, "connecting to the broker");
+        ServiceHealth {
+            health,
+            broker: AtomicU8::new(Broker::Connecting as u8),
+            queued: AtomicUsize::new(0),
+            report: parking_lot::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn broker(&self, state: Broker) {
+        self.broker.store(state as u8, Ordering::Relaxed);
+        self.report();
+    }
+
+    pub(crate) fn store_queue(&self, queued: usize) {
+        self.queued.store(queued, Ordering::Relaxed);
+        self.report();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_degraded(&self) -> bool {
+        self.health
+            .snapshot()
+            .get(HEALTH)
+            .is_some_and(|c| c.status == Status::Degraded)
+    }
+
+    fn report(&self) {
+        let _serial = self.report.lock();
+        let queued = self.queued.load(Ordering::Relaxed);
+        let broker = self.broker.load(Ordering::Relaxed);
+        let (status, detail) = match broker {
+            b if b == Broker::Down as u8 => (Status::Degraded, "broker unreachable".to_string()),
+            _ if queued > 0 => (
+                Status::Degraded,
+                format!("store unreachable; {queued} alert transitions queued"),
+            ),
+            b if b == Broker::Up as u8 => (Status::Ok, String::new()),
+            _ => (Status::Starting, "connecting to the broker".to_string()),
+        };
+        self.health.set(HEALTH, status, detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(health: &Health) -> Status {
+        health.snapshot()[HEALTH].status
+    }
+
+    #[test]
+    fn health_is_ok_only_when_subscribed_and_nothing_waits_for_the_store() {
+        let health = Health::default();
+        let service = ServiceHealth::new(health.clone());
+        assert_eq!(status(&health), Status::Starting);
+        service.broker(Broker::Up);
+        assert_eq!(status(&health), Status::Ok);
+        service.store_queue(3);
+        assert_eq!(status(&health), Status::Degraded);
+        service.store_queue(0);
+        assert_eq!(status(&health), Status::Ok);
+        service.broker(Broker::Down);
+        assert_eq!(status(&health), Status::Degraded);
+    }
+
+    #[tokio::test]
+    async fn saved_rules_load_back_from_the_rule_file() {
+        let dir = std::env::temp_dir().join(format!("telemon-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules.toml");
+        let rules = RuleFile::from_toml(include_str!("../rules.toml")).unwrap();
+        save_rules(&path, &rules).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(RuleFile::from_toml(&text).unwrap(), rules);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn every_ack_error_has_its_own_reason() {
+        let reasons = [
+            AckError::UnknownAlert("a".into()),
+            AckError::NotFiring("a".into()),
+            AckError::AlreadyAcknowledged {
+                id: "a".into(),
+                by: "b".into(),
+            },
+            AckError::MissingUser,
+        ]
+        .map(|e| ack_error_reason(&e));
+        let distinct: std::collections::HashSet<_> = reasons.iter().collect();
+        assert_eq!(distinct.len(), reasons.len());
+    }
+}
