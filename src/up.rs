@@ -116,6 +116,7 @@ pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> a
     .context("starting the HTTP API")?;
 
     tokio::spawn(refresh_crl(pki));
+    wait_until_live(&health).await;
     announce(data_dir, &edge, &api, &args)?;
 
     tokio::signal::ctrl_c()
@@ -134,6 +135,24 @@ pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> a
     }
     info!("stopped");
     Ok(())
+}
+
+/// Waits for every service to report in (connected to the engine), so that "up" is printed
+/// only once the whole pipeline works; gives up waiting after 30 s and says what is missing.
+async fn wait_until_live(health: &Health) {
+    for _ in 0..600 {
+        if health.live() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waiting: Vec<_> = health
+        .snapshot()
+        .into_iter()
+        .filter(|(_, c)| !matches!(c.status, Status::Ok | Status::Degraded))
+        .map(|(name, _)| name)
+        .collect();
+    warn!(?waiting, "some services are not running yet");
 }
 
 fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {
@@ -181,15 +200,17 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
         mqtt.ip().to_string()
     };
     let dir = data_dir.display();
+    let devices = data_dir::devices(data_dir);
+    let devices = devices.display();
     println!(
         "\ntelemon is up.\n\
          \n  API and dashboard  http://{http}/\
          \n  admin token        {token}  (Authorization: Bearer $(cat {token}))\
          \n  MQTT (mutual TLS)  {host}:{port}\
          \n\nPublish as a new device:\
-         \n  ./target/release/telemon --data-dir {dir} certs issue bed-7 --out {dir}/devices\
+         \n  ./target/release/telemon --data-dir {dir} certs issue bed-7 --out {devices}\
          \n  mosquitto_pub -h {host} -p {port} --cafile {ca} \\\
-         \n    --cert {dir}/devices/bed-7.crt --key {dir}/devices/bed-7.key \\\
+         \n    --cert {devices}/bed-7.crt --key {devices}/bed-7.key \\\
          \n    -t devices/bed-7/telemetry -q 1 -m '{{\"heart_rate\": 71, \"spo2\": 97}}'\
          \n\nRead it back:\
          \n  curl -H \"Authorization: Bearer $(cat {token})\" http://{http}/api/v1/devices/bed-7/readings\

@@ -368,8 +368,13 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, PacketError> {
     })
 }
 
-/// Encodes a CONNECT, keeping every field of `connect` but its credentials and client id,
-/// which the edge replaces with the certificate identity and the engine secret.
+/// Keepalive the edge asks of the engine. The edge enforces each device's own keepalive
+/// itself, and rumqttd refuses a keepalive of 0, so the engine gets the longest one.
+pub const ENGINE_KEEP_ALIVE: u16 = u16::MAX;
+
+/// Encodes a CONNECT for the engine, keeping every field of `connect` but its credentials,
+/// client id and keepalive: the edge puts in the certificate identity, the engine secret and
+/// [`ENGINE_KEEP_ALIVE`].
 pub fn encode_connect(connect: &Connect, client_id: &str, username: &str, password: &str) -> Bytes {
     let mut body = BytesMut::new();
     put_binary(&mut body, b"MQTT");
@@ -388,7 +393,7 @@ pub fn encode_connect(connect: &Connect, client_id: &str, username: &str, passwo
         }
     }
     body.put_u8(flags);
-    body.put_u16(connect.keep_alive);
+    body.put_u16(ENGINE_KEEP_ALIVE);
     if connect.protocol == Protocol::V5 {
         put_varint(&mut body, connect.properties.len());
         body.put_slice(&connect.properties);

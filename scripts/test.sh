@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The whole test run on a fresh Debian machine: installs what the tests need, starts a
+# private PostgreSQL, runs formatting, lint and every test, and stops what it started.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh -- ARGS    extra arguments for `cargo test` (a test name filter, say)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_VERSION=15
+PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
+PACKAGES=(mosquitto mosquitto-clients "postgresql-$PG_VERSION" openssl)
+
+log() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+install_packages() {
+    local missing=()
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+            missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing ${missing[*]}"
+        as_root apt-get update -qq
+        # policy-rc.d keeps Debian's packages from starting their own services: the tests
+        # start private instances on free ports instead.
+        as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# PostgreSQL refuses to run as root, so as root the instance runs as the postgres user, in a
+# directory that user owns.
+PG_DIR=""
+PG_USER="$(id -un)"
+start_postgres() {
+    PG_DIR="$(mktemp -d /tmp/telemon-test-pg.XXXXXX)"
+    local run=()
+    if [ "$(id -u)" -eq 0 ]; then
+        PG_USER=postgres
+        chown postgres:postgres "$PG_DIR"
+        run=(runuser -u postgres --)
+    fi
+    PG_PORT="$(free_port)"
+    log "starting a private PostgreSQL $PG_VERSION on 127.0.0.1:$PG_PORT ($PG_DIR)"
+    "${run[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U "$PG_USER" >/dev/null
+    "${run[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w start \
+        -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=300 \
+            -c fsync=off" >/dev/null
+    PG_RUN=("${run[@]}")
+    export TELEMON_TEST_DATABASE_URL="postgres://$PG_USER@127.0.0.1:$PG_PORT/postgres"
+}
+
+stop_postgres() {
+    if [ -n "$PG_DIR" ] && [ -f "$PG_DIR/data/postmaster.pid" ]; then
+        "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null || true
+    fi
+    [ -n "$PG_DIR" ] && rm -rf "$PG_DIR"
+}
+trap stop_postgres EXIT
+
+install_packages
+start_postgres
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+shift_args=()
+if [ "${1:-}" = "--" ]; then shift; shift_args=("$@"); fi
+cargo test --workspace --locked -- "${shift_args[@]}"
+
+log "all checks passed"
