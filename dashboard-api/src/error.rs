@@ -38,9 +38,10 @@ impl IntoResponse for HttpError {
         };
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert("www-authenticate", "Bearer".parse().expect("static header value"));
+            response.headers_mut().insert(
+                "www-authenticate",
+                "Bearer".parse().expect("static header value"),
+            );
         }
         response
     }

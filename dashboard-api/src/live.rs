@@ -16,9 +16,9 @@ use parking_lot::Mutex;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde::Serialize;
 use telemon_ingest::decode::{Decoder, Message};
+use telemon_model::alert::AckRequest;
 use telemon_model::bus::{BusConfig, BusError};
 use telemon_model::health::{Health, Status};
-use telemon_model::alert::AckRequest;
 use telemon_model::topic::{ALERTS_FILTER, ALERT_ACK_TOPIC};
 use telemon_model::{AlertEvent, Reading};
 use tokio::sync::broadcast;
@@ -85,7 +85,10 @@ impl Live {
         let mut filters = decoder.subscriptions();
         filters.push(ALERTS_FILTER.to_string());
         health.set(HEALTH, Status::Starting, "connecting to the broker");
-        tokio::spawn(live.clone().follow(client, eventloop, filters, decoder, health));
+        tokio::spawn(
+            live.clone()
+                .follow(client, eventloop, filters, decoder, health),
+        );
         Ok(live)
     }
 
@@ -127,7 +130,11 @@ impl Live {
         };
         let payload = serde_json::to_vec(&request).unwrap_or_default();
         match self.0.client.get() {
-            Some(client) => client.publish(ALERT_ACK_TOPIC, QoS::AtLeastOnce, false, payload).await,
+            Some(client) => {
+                client
+                    .publish(ALERT_ACK_TOPIC, QoS::AtLeastOnce, false, payload)
+                    .await
+            }
             None => Err(rumqttc::ClientError::Request(rumqttc::Request::Disconnect(
                 rumqttc::Disconnect,
             ))),
@@ -148,10 +155,14 @@ impl Live {
     ) {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => self.on_message(&p.topic, &p.payload, &decoder),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    self.on_message(&p.topic, &p.payload, &decoder)
+                }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     info!("live feed connected to the broker");
-                    let subs = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtMostOnce));
+                    let subs = filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtMostOnce));
                     if let Err(e) = client.try_subscribe_many(subs) {
                         warn!(cause = %e, "live feed could not subscribe");
                     }

@@ -176,7 +176,12 @@ impl Spool {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let path = e.path();
-                let seq = path.file_name()?.to_str()?.strip_suffix(".batch")?.parse().ok()?;
+                let seq = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".batch")?
+                    .parse()
+                    .ok()?;
                 Some((seq, path))
             })
             .collect();

@@ -67,7 +67,12 @@ mod tests {
 
     #[test]
     fn accepts_usual_names() {
-        for id in ["bed-7", "urn:dev:ow:10e2073a01080063", "0x00158d0000000001", "a.b_c"] {
+        for id in [
+            "bed-7",
+            "urn:dev:ow:10e2073a01080063",
+            "0x00158d0000000001",
+            "a.b_c",
+        ] {
             assert_eq!(DeviceId::new(id).unwrap().as_str(), id);
         }
     }

@@ -41,7 +41,10 @@ impl Health {
 
     /// Every part is running (possibly degraded).
     pub fn live(&self) -> bool {
-        self.0.lock().values().all(|c| matches!(c.status, Status::Ok | Status::Degraded))
+        self.0
+            .lock()
+            .values()
+            .all(|c| matches!(c.status, Status::Ok | Status::Degraded))
     }
 }
 

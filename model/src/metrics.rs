@@ -100,7 +100,9 @@ fn series(
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn counter(name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Counter {
@@ -133,7 +135,6 @@ pub fn render() -> String {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,8 +147,14 @@ mod tests {
         b.inc();
         let text = render();
         assert_eq!(text.matches("# TYPE test_things_total counter").count(), 1);
-        assert!(text.contains("test_things_total{reason=\"json\"} 2"), "{text}");
-        assert!(text.contains("test_things_total{reason=\"utf\\\"8\"} 1"), "{text}");
+        assert!(
+            text.contains("test_things_total{reason=\"json\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("test_things_total{reason=\"utf\\\"8\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

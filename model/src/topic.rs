@@ -89,7 +89,10 @@ mod tests {
     #[test]
     fn matches_filters_like_a_broker() {
         assert!(filter_matches("devices/+/telemetry", "devices/a/telemetry"));
-        assert!(!filter_matches("devices/+/telemetry", "devices/a/b/telemetry"));
+        assert!(!filter_matches(
+            "devices/+/telemetry",
+            "devices/a/b/telemetry"
+        ));
         assert!(filter_matches("devices/a/#", "devices/a"));
         assert!(filter_matches("devices/a/#", "devices/a/x/y"));
         assert!(!filter_matches("devices/a/#", "devices/ab/x"));

@@ -49,7 +49,12 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<AlertEvent>, HttpError> {
-    state.store.alert(&id).await?.map(Json).ok_or(HttpError::NotFound("alert"))
+    state
+        .store
+        .alert(&id)
+        .await?
+        .map(Json)
+        .ok_or(HttpError::NotFound("alert"))
 }
 
 /// Asks the alerts service to acknowledge; the acknowledged transition then arrives on the
@@ -59,10 +64,21 @@ pub async fn acknowledge(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::http::StatusCode, HttpError> {
-    let alert = state.store.alert(&id).await?.ok_or(HttpError::NotFound("alert"))?;
+    let alert = state
+        .store
+        .alert(&id)
+        .await?
+        .ok_or(HttpError::NotFound("alert"))?;
     if !matches!(alert.state, AlertState::Firing | AlertState::Pending) {
-        return Err(HttpError::Conflict(format!("alert is {}", alert.state.as_str())));
+        return Err(HttpError::Conflict(format!(
+            "alert is {}",
+            alert.state.as_str()
+        )));
     }
-    state.live.request_ack(&id, &who.name).await.map_err(|_| HttpError::Unavailable)?;
+    state
+        .live
+        .request_ack(&id, &who.name)
+        .await
+        .map_err(|_| HttpError::Unavailable)?;
     Ok(axum::http::StatusCode::ACCEPTED)
 }

@@ -14,7 +14,10 @@ use crate::AppState;
 /// Most rows one request returns: bounds memory per request.
 const MAX_LIMIT: i64 = 10_000;
 
-pub async fn list(_: Principal, State(state): State<AppState>) -> Result<Json<Vec<Device>>, HttpError> {
+pub async fn list(
+    _: Principal,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<Device>>, HttpError> {
     Ok(Json(state.store.devices().await?))
 }
 
@@ -42,10 +45,17 @@ pub async fn readings(
     let device = device_id(id)?;
     let limit = params.limit.unwrap_or(1000);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(HttpError::BadRequest(format!("limit must be 1 to {MAX_LIMIT}")));
+        return Err(HttpError::BadRequest(format!(
+            "limit must be 1 to {MAX_LIMIT}"
+        )));
     }
-    if params.bucket.is_some_and(|b| !(1..=86_400 * 31).contains(&b)) {
-        return Err(HttpError::BadRequest("bucket must be 1 to 2678400 seconds".into()));
+    if params
+        .bucket
+        .is_some_and(|b| !(1..=86_400 * 31).contains(&b))
+    {
+        return Err(HttpError::BadRequest(
+            "bucket must be 1 to 2678400 seconds".into(),
+        ));
     }
     let query = ReadingQuery {
         device: device.to_string(),

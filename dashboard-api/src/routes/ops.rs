@@ -12,7 +12,11 @@ use crate::AppState;
 /// 200 while every service of the process runs (degraded included), 503 otherwise.
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let live = state.health.live();
-    let status = if live { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if live {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": if live { "ok" } else { "unavailable" },
         "parts": state.health.snapshot(),
@@ -24,7 +28,11 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let store_ok = state.store.ping().await.is_ok();
     let ready = store_ok && state.health.live();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "ready": ready,
         "storage": if store_ok { "ok" } else { "unreachable" },

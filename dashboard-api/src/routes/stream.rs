@@ -42,13 +42,22 @@ struct StreamFilter {
 impl StreamFilter {
     fn new(params: StreamParams) -> Result<Self, HttpError> {
         let set = |v: Option<String>| {
-            v.map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+            v.map(|s| {
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect()
+            })
         };
         let (readings, alerts) = match params.kind.as_deref() {
             None | Some("all") => (true, true),
             Some("readings") => (true, false),
             Some("alerts") => (false, true),
-            Some(_) => return Err(HttpError::BadRequest("kind must be readings, alerts or all".into())),
+            Some(_) => {
+                return Err(HttpError::BadRequest(
+                    "kind must be readings, alerts or all".into(),
+                ))
+            }
         };
         Ok(StreamFilter {
             devices: set(params.device),
@@ -62,12 +71,14 @@ impl StreamFilter {
         match &event.data {
             LiveData::Reading(r) => {
                 self.readings
-                    && self.devices.as_ref().is_none_or(|d| d.contains(r.device_id.as_str()))
+                    && self
+                        .devices
+                        .as_ref()
+                        .is_none_or(|d| d.contains(r.device_id.as_str()))
                     && self.metrics.as_ref().is_none_or(|m| m.contains(&r.metric))
             }
             LiveData::Alert(a) => {
-                self.alerts
-                    && self.devices.as_ref().is_none_or(|d| d.contains(&a.subject))
+                self.alerts && self.devices.as_ref().is_none_or(|d| d.contains(&a.subject))
             }
         }
     }
@@ -111,6 +122,8 @@ pub async fn sse(
         };
         std::future::ready(out)
     });
-    let keep_alive = KeepAlive::new().interval(Duration::from_secs(15)).text("heartbeat");
+    let keep_alive = KeepAlive::new()
+        .interval(Duration::from_secs(15))
+        .text("heartbeat");
     Ok(Sse::new(replay.chain(live)).keep_alive(keep_alive))
 }
