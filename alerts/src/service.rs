@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
+use rumqttc::{
+    AsyncClient, Event, Packet, Publish, QoS, SubAck, SubscribeFilter, SubscribeReasonCode,
+};
 use telemon_ingest::decode::{Decoder, Message, ONLINE_METRIC};
 use telemon_model::alert::AckRequest;
 use telemon_model::bus::{BusConfig, BusError};
@@ -495,7 +497,7 @@ impl Mqtt {
                         warn!(cause = %e, "could not subscribe");
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => self.health.broker(Broker::Up),
+                Ok(Event::Incoming(Packet::SubAck(ack))) => self.subscribed(&ack),
                 Ok(_) => {}
                 Err(e) => {
                     warn!(cause = %e, "broker connection lost; reconnecting");
@@ -504,6 +506,23 @@ impl Mqtt {
                 }
             }
         }
+    }
+
+    /// Healthy only when the broker took every filter: without the acknowledgement topic,
+    /// clinicians' acknowledgements would go unheard.
+    fn subscribed(&self, ack: &SubAck) {
+        let refused: Vec<&str> = self
+            .filters
+            .iter()
+            .zip(&ack.return_codes)
+            .filter(|(_, code)| matches!(code, SubscribeReasonCode::Failure))
+            .map(|(filter, _)| filter.as_str())
+            .collect();
+        if refused.is_empty() {
+            return self.health.broker(Broker::Up);
+        }
+        warn!(?refused, "the broker refused subscriptions");
+        self.health.broker(Broker::Refused);
     }
 
     fn input(&self, publish: &Publish) -> Option<Input> {
@@ -542,6 +561,8 @@ pub(crate) enum Broker {
     Connecting = 0,
     Up = 1,
     Down = 2,
+    /// Connected, but some subscriptions were refused (an ACL).
+    Refused = 3,
 }
 
 /// The service's health, from two sources: the broker connection and the store queue.
@@ -588,6 +609,10 @@ impl ServiceHealth {
         let broker = self.broker.load(Ordering::Relaxed);
         let (status, detail) = match broker {
             b if b == Broker::Down as u8 => (Status::Degraded, "broker unreachable".to_string()),
+            b if b == Broker::Refused as u8 => (
+                Status::Degraded,
+                "the broker refused some subscriptions".to_string(),
+            ),
             _ if queued > 0 => (
                 Status::Degraded,
                 format!("store unreachable; {queued} alert transitions queued"),
@@ -619,6 +644,8 @@ mod tests {
         service.store_queue(0);
         assert_eq!(status(&health), Status::Ok);
         service.broker(Broker::Down);
+        assert_eq!(status(&health), Status::Degraded);
+        service.broker(Broker::Refused);
         assert_eq!(status(&health), Status::Degraded);
     }
 

@@ -19,7 +19,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sha2::Sha256;
 use telemon_alerts::notify::{Notifier, RetryPolicy, Webhook, SIGNATURE_HEADER};
 use telemon_alerts::service::{self, AlertsSettings};
-use telemon_alerts::{Directory, RuleFile};
+use telemon_alerts::{Directory, RuleFile, SetRulesError};
 use telemon_ingest::decode::Decoder;
 use telemon_model::alert::AckRequest;
 use telemon_model::bus::BusConfig;
@@ -448,4 +448,86 @@ async fn webhook_is_signed_and_retried_after_a_server_error() {
         let sent: AlertEvent = serde_json::from_slice(body).unwrap();
         assert_eq!(sent, event);
     }
+}
+
+#[tokio::test]
+async fn rule_change_resolves_alerts_of_removed_rules_saves_the_file_and_notifies() {
+    let dir = temp_dir("set-rules");
+    let broker = Broker::start(&dir);
+    let store = sqlite(&dir).await;
+    let health = Health::default();
+    let seen: Shared = Default::default();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let rules_file = dir.join("rules.toml");
+    let settings = AlertsSettings {
+        client_id: "telemon-alerts-set-rules".into(),
+        rules_file: Some(rules_file.clone()),
+        webhooks: vec![Webhook {
+            url: format!("http://{addr}/hook"),
+            secret: None,
+            min_priority: Priority::High,
+        }],
+        webhook_retry: RetryPolicy {
+            first_backoff: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        },
+        ..AlertsSettings::default()
+    };
+
+    let handle = service::start(
+        broker.bus(),
+        settings,
+        RuleFile::from_toml(HR_HIGH).unwrap(),
+        Directory::default(),
+        Arc::new(Decoder::native_only()),
+        store.clone(),
+        health.clone(),
+    )
+    .await
+    .unwrap();
+    wait_until_ok(&health).await;
+    let mut api = Client::connect(&broker.bus(), "test-set-rules").await;
+    let (_, fired) = api
+        .breach_until(r#"{"heart_rate":130}"#, AlertState::Firing)
+        .await;
+
+    let twice = [handle.rules().await, handle.rules().await].concat();
+    let refused = handle.set_rules(twice).await;
+    assert!(
+        matches!(refused, Err(SetRulesError::Invalid(_))),
+        "{refused:?}"
+    );
+    assert!(!rules_file.exists(), "nothing saved for refused rules");
+    assert_eq!(handle.rules().await.len(), 1);
+    handle.set_rules(Vec::new()).await.unwrap();
+    let (_, resolved) = api.next(AlertState::Resolved).await;
+    assert_eq!(resolved.id, fired.id);
+    assert!(handle.rules().await.is_empty());
+    let saved = std::fs::read_to_string(&rules_file).unwrap();
+    assert!(RuleFile::from_toml(&saved).unwrap().is_empty(), "{saved}");
+
+    // The webhook got both transitions (the first after a retry), in order, unsigned.
+    let deadline = Instant::now() + WAIT;
+    while seen.lock().requests.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "webhook did not get both transitions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock();
+    let states: Vec<AlertState> = seen.requests[1..]
+        .iter()
+        .map(|(signature, body)| {
+            assert!(signature.is_none(), "no secret, no signature");
+            serde_json::from_slice::<AlertEvent>(body).unwrap().state
+        })
+        .collect();
+    assert_eq!(states, [AlertState::Firing, AlertState::Resolved]);
+    drop(broker);
 }
