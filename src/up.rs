@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use telemon_alerts::directory::Directory;
+use telemon_alerts::rule::{Rule, RuleFile};
+use telemon_alerts::service::AlertsSettings;
 use telemon_broker::edge::{Edge, EdgeConfig, Limits, TlsFiles};
 use telemon_broker::engine::{Engine, EngineSettings};
 use telemon_broker::pki::{IdentitySource, Pki};
@@ -17,6 +20,8 @@ use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
 use crate::data_dir;
+
+const DEFAULT_RULES: &str = include_str!("default-rules.toml");
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -104,6 +109,19 @@ pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> a
     .await
     .context("starting ingest")?;
 
+    let rules = load_rules(args.rules.as_deref())?;
+    telemon_alerts::service::start(
+        engine.bus(),
+        AlertsSettings::default(),
+        rules,
+        Directory::default(),
+        decoder.clone(),
+        store.clone(),
+        health.clone(),
+    )
+    .await
+    .context("starting alerts")?;
+
     let api = Api::start(
         args.http_listen,
         Auth::new(token),
@@ -153,6 +171,18 @@ async fn wait_until_live(health: &Health) {
         .map(|(name, _)| name)
         .collect();
     warn!(?waiting, "some services are not running yet");
+}
+
+/// The rules file, or the built-in defaults (`src/default-rules.toml`).
+fn load_rules(path: Option<&Path>) -> anyhow::Result<Vec<Rule>> {
+    let text = match path {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => DEFAULT_RULES.to_string(),
+    };
+    let origin = path.map_or("the default rules".into(), |p| p.display().to_string());
+    RuleFile::from_toml(&text).with_context(|| format!("in {origin}"))
 }
 
 fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {
