@@ -531,3 +531,87 @@ async fn rule_change_resolves_alerts_of_removed_rules_saves_the_file_and_notifie
     assert_eq!(states, [AlertState::Firing, AlertState::Resolved]);
     drop(broker);
 }
+
+const SILENT: &str = r#"
+[[rule]]
+id = "offline"
+priority = "medium"
+
+[rule.kind]
+type = "silent"
+after = "10m"
+"#;
+
+#[tokio::test]
+async fn device_will_message_fires_a_silence_alert_and_bad_acks_are_counted() {
+    let dir = temp_dir("status");
+    let broker = Broker::start(&dir);
+    let store = sqlite(&dir).await;
+    let health = Health::default();
+    let settings = AlertsSettings {
+        client_id: "telemon-alerts-status".into(),
+        ..AlertsSettings::default()
+    };
+    service::start(
+        broker.bus(),
+        settings,
+        RuleFile::from_toml(SILENT).unwrap(),
+        Directory::default(),
+        Arc::new(Decoder::native_only()),
+        store.clone(),
+        health.clone(),
+    )
+    .await
+    .unwrap();
+    wait_until_ok(&health).await;
+    let mut device = Client::connect(&broker.bus(), "test-status").await;
+
+    let mut fired = None;
+    for _ in 0..20 {
+        device.publish("devices/bed-9/status", "offline").await;
+        let next = tokio::time::timeout(Duration::from_millis(500), device.alerts.recv());
+        if let Ok(Some((topic, event))) = next.await {
+            fired = Some((topic, event));
+            break;
+        }
+    }
+    let (topic, offline) = fired.expect("no alert for a device reporting offline");
+    assert_eq!(topic, "alerts/bed-9");
+    assert_eq!(
+        (offline.rule.as_str(), offline.state),
+        ("offline", AlertState::Firing)
+    );
+
+    let unknown_before = ack_errors("unknown_alert");
+    let invalid_before = ack_errors("invalid");
+    let ack = AckRequest {
+        id: "no-such-alert".into(),
+        by: "nurse.jones".into(),
+    };
+    device
+        .publish(ALERT_ACK_TOPIC, &serde_json::to_string(&ack).unwrap())
+        .await;
+    device.publish(ALERT_ACK_TOPIC, "not json").await;
+    let deadline = Instant::now() + WAIT;
+    while ack_errors("unknown_alert") == unknown_before || ack_errors("invalid") == invalid_before {
+        assert!(
+            Instant::now() < deadline,
+            "acknowledgement errors not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    device.publish("devices/bed-9/status", "online").await;
+    let (_, back) = device.next(AlertState::Resolved).await;
+    assert_eq!(back.id, offline.id);
+    drop(broker);
+}
+
+fn ack_errors(reason: &str) -> u64 {
+    telemon_model::metrics::counter(
+        "telemon_alerts_ack_errors_total",
+        "Acknowledgement requests refused, by reason.",
+        &[("reason", reason)],
+    )
+    .get()
+}
