@@ -334,7 +334,10 @@ impl Pki {
         )
     }
 
-    fn issue_with_validity(
+    /// Issues a device certificate with an explicit validity window, e.g. one already expired
+    /// or not yet valid. For tests of the edge's refusals; operators use [`Pki::issue`].
+    #[doc(hidden)]
+    pub fn issue_with_validity(
         &self,
         id: &str,
         out_dir: &Path,
