@@ -174,6 +174,7 @@ struct Received {
 /// The test's subscriber: subscribes again after every connect (its sessions do not survive
 /// a broker restart either) and counts completed subscriptions.
 struct Watcher {
+    client: AsyncClient,
     received: Arc<Mutex<Vec<Received>>>,
     subscribed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -201,12 +202,13 @@ impl Watcher {
         let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
 
         let (sink, count) = (received.clone(), subscribed.clone());
+        let commands = client.clone();
         let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         for filter in &filters {
-                            let _ = client.try_subscribe(filter, QoS::AtLeastOnce);
+                            let _ = commands.try_subscribe(filter, QoS::AtLeastOnce);
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -225,6 +227,7 @@ impl Watcher {
             }
         });
         Watcher {
+            client,
             received,
             subscribed,
             task,
@@ -464,6 +467,24 @@ async fn readings_taken_while_the_broker_is_down_are_delivered_after_it_returns(
             during.len()
         );
     }
+    // The broker lost every session: commands arrive only because the devices subscribed
+    // again on reconnecting.
+    watcher
+        .client
+        .publish(
+            "devices/bed-02/commands/scenario",
+            QoS::AtLeastOnce,
+            false,
+            "SuddenEvent(10s)",
+        )
+        .await
+        .expect("queue a command");
+    assert!(
+        wait_for(Duration::from_secs(5), || fleet.stats().commands == 1).await,
+        "{:?}",
+        fleet.stats()
+    );
+
     let stats = fleet.stats();
     assert!(stats.connects >= 6, "{stats:?}");
     assert_eq!(stats.dropped, 0, "{stats:?}");
