@@ -308,16 +308,18 @@ async fn fleet_publishes_vitals_and_a_retained_birth_over_mutual_tls() {
     let fleet = run_fleet(fleet_config(&setup, port, &ids))
         .await
         .expect("fleet starts");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // About 2 s at 200 ms; the bound is generous for a loaded machine.
+    let enough = |w: &Watcher| {
+        let telemetry = w.telemetry();
+        ids.iter()
+            .all(|id| telemetry.get(id).is_some_and(|r| r.len() >= 10))
+    };
+    let arrived = wait_for(Duration::from_secs(15), || enough(&watcher)).await;
+    assert!(arrived, "readings missing: {:?}", fleet.stats());
 
     let telemetry = watcher.telemetry();
     for id in &ids {
         let readings = telemetry.get(id).map(Vec::as_slice).unwrap_or_default();
-        assert!(
-            readings.len() >= 5,
-            "{id}: {} readings in 2 s",
-            readings.len()
-        );
         for reading in readings {
             for metric in METRICS {
                 assert!(
@@ -335,8 +337,8 @@ async fn fleet_publishes_vitals_and_a_retained_birth_over_mutual_tls() {
         times.dedup();
         assert_eq!(times.len(), readings.len(), "{id}: repeated timestamps");
     }
-    assert!(fleet.published() >= 15, "{:?}", fleet.stats());
-    assert_eq!(fleet.stats().connected, 3);
+    assert!(wait_for(Duration::from_secs(5), || fleet.published() >= 30).await);
+    assert_eq!(fleet.stats().connected, 3, "{:?}", fleet.stats());
 
     // A subscriber arriving later gets every device's retained birth.
     let status = Watcher::start(&setup, port, "watcher-status", &["devices/+/status"]);
