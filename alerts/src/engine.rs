@@ -488,7 +488,10 @@ mod tests {
     fn pending_inside_the_hysteresis_band_stays_pending() {
         let mut e = engine(vec![hr_high(30)]);
         hr(&mut e, 125.0, 0);
-        assert!(hr(&mut e, 115.0, 10).is_empty(), "115 is inside the 110-120 band");
+        assert!(
+            hr(&mut e, 115.0, 10).is_empty(),
+            "115 is inside the 110-120 band"
+        );
         assert_eq!(states(&e.tick(at(30))), [AlertState::Firing]);
     }
 
