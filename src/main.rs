@@ -6,6 +6,7 @@
 
 mod certs;
 mod data_dir;
+mod simulate;
 mod up;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ enum Command {
     Up(up::UpArgs),
     /// Prepare the database: apply every pending migration.
     Migrate,
+    /// Run simulated vital-sign monitors against a broker (telemon's or any other).
+    Simulate(simulate::SimulateArgs),
     /// Manage the development CA and device certificates.
     Certs {
         #[command(subcommand)]
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Up(args) => up::run(&cli.data_dir, cli.database_url.as_deref(), args).await,
             Command::Migrate => migrate(&cli.data_dir, cli.database_url.as_deref()).await,
+            Command::Simulate(args) => simulate::run(&cli.data_dir, args).await,
             Command::Certs { command } => certs::run(&cli.data_dir, command),
         }
     })

@@ -19,7 +19,7 @@ use telemon_ingest::service::IngestSettings;
 use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
-use crate::data_dir;
+use crate::{data_dir, simulate};
 
 const DEFAULT_RULES: &str = include_str!("default-rules.toml");
 
@@ -135,12 +135,24 @@ pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> a
 
     tokio::spawn(refresh_crl(pki));
     wait_until_live(&health).await;
+    let fleet = match args.simulate {
+        0 => None,
+        n => {
+            let port = edge.local_addr().port();
+            let ca = data_dir::certs(data_dir).join("ca.crt");
+            let devices = simulate::default_fleet(n);
+            Some(simulate::start(data_dir, "localhost", port, &ca, devices).await?)
+        }
+    };
     announce(data_dir, &edge, &api, &args)?;
 
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
     info!("stopping: disconnecting devices, then storing what they sent");
+    if let Some(fleet) = fleet {
+        fleet.shutdown().await;
+    }
     edge.shutdown();
     if !ingest
         .drain(Duration::from_millis(300), Duration::from_secs(15))
@@ -230,6 +242,8 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
         mqtt.ip().to_string()
     };
     let dir = data_dir.display();
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("telemon"));
+    let exe = exe.display();
     let devices = data_dir::devices(data_dir);
     let devices = devices.display();
     println!(
@@ -238,7 +252,7 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
          \n  admin token        {token}  (Authorization: Bearer $(cat {token}))\
          \n  MQTT (mutual TLS)  {host}:{port}\
          \n\nPublish as a new device:\
-         \n  ./target/release/telemon --data-dir {dir} certs issue bed-7 --out {devices}\
+         \n  {exe} --data-dir {dir} certs issue bed-7 --out {devices}\
          \n  mosquitto_pub -h {host} -p {port} --cafile {ca} \\\
          \n    --cert {devices}/bed-7.crt --key {devices}/bed-7.key \\\
          \n    -t devices/bed-7/telemetry -q 1 -m '{{\"heart_rate\": 71, \"spo2\": 97}}'\
