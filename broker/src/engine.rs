@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -169,12 +170,15 @@ impl Engine {
         let mut stream =
             std::net::TcpStream::connect_timeout(&self.addr(protocol), Duration::from_millis(200))?;
         stream.set_read_timeout(timeout)?;
-        let connect = crate::edge::packet::probe_connect(
-            protocol,
-            "telemon-probe",
-            ENGINE_USER,
-            &self.secret,
-        );
+        // A fresh client id per probe. The v4 and v5 listeners share one router, so a reused
+        // id makes the router drop one probe as a duplicate; rumqttd 0.20 then leaves a stale
+        // will handler behind on the v5 listener, and the next CONNECT with that id panics
+        // while holding its lock, which poisons the v5 listener for every later client.
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, Ordering::Relaxed);
+        let client_id = format!("telemon-probe-{protocol:?}-{n}");
+        let connect =
+            crate::edge::packet::probe_connect(protocol, &client_id, ENGINE_USER, &self.secret);
         stream.write_all(&connect)?;
         let mut connack = [0u8; 4];
         stream.read_exact(&mut connack[..2])?;

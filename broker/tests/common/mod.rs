@@ -94,6 +94,10 @@ impl Broker {
     /// Starts with these limits and, when given, this ACL file text.
     pub async fn start_with(limits: Limits, acl: Option<&str>) -> Broker {
         install_crypto();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = TempDir::new("broker");
         let pki = Pki::open_or_init(&dir.path().join("certs")).unwrap();
         let (cert, key) = pki.ensure_server_cert(&[]).unwrap();
@@ -180,14 +184,32 @@ impl Broker {
     }
 
     /// A client of the engine itself, as telemon's own services connect: it sees what
-    /// devices publish after the edge let it through.
+    /// devices publish after the edge let it through, and can publish commands to them.
     pub async fn observer(&self, filter: &str) -> Observer {
         let id = format!("observer-{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let options = self.engine.bus().mqtt_options(&id).unwrap();
         let (client, mut events) = AsyncClient::new(options, 100);
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
         wait_for(&mut events, |e| matches!(e, Incoming::SubAck(_))).await;
-        Observer { client, events }
+
+        // Polled in the background so that the observer's own publishes go out too.
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let poller = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Observer {
+            client,
+            received,
+            poller,
+        }
     }
 
     /// mosquitto_pub through the edge at QoS 1; returns success and stderr.
@@ -260,21 +282,23 @@ pub async fn tls_connect(
 /// A connection to the engine that records what it receives.
 pub struct Observer {
     pub client: AsyncClient,
-    pub events: EventLoop,
+    received: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    poller: tokio::task::JoinHandle<()>,
 }
 
 impl Observer {
     /// The next publish's (topic, payload), or None after `within`.
     pub async fn next_publish(&mut self, within: Duration) -> Option<(String, Vec<u8>)> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let event = tokio::time::timeout_at(deadline, self.events.poll())
-                .await
-                .ok()?;
-            if let Ok(Event::Incoming(Incoming::Publish(p))) = event {
-                return Some((p.topic.clone(), p.payload.to_vec()));
-            }
-        }
+        tokio::time::timeout(within, self.received.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.poller.abort();
     }
 }
 
