@@ -8,6 +8,8 @@
 mod postgres;
 mod sqlite;
 
+pub use postgres::PgWrite;
+
 use chrono::{DateTime, Utc};
 use telemon_model::{AlertEvent, AlertState, Reading};
 
@@ -21,6 +23,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database query: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("{0} is not supported by the {1} store")]
+    Unsupported(&'static str, &'static str),
 }
 
 impl StoreError {
@@ -113,7 +117,9 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Store::Postgres(postgres::Postgres::connect(url).await?))
         } else if let Some(path) = url.strip_prefix("sqlite:") {
-            Ok(Store::Sqlite(sqlite::Sqlite::open(path.trim_start_matches("//")).await?))
+            Ok(Store::Sqlite(
+                sqlite::Sqlite::open(path.trim_start_matches("//")).await?,
+            ))
         } else {
             Err(StoreError::UnsupportedUrl)
         }
@@ -123,6 +129,33 @@ impl Store {
         match self {
             Store::Postgres(_) => "postgresql",
             Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Chooses how PostgreSQL batches are written (UNNEST by default); SQLite ignores it.
+    pub fn with_pg_write(self, write: PgWrite) -> Store {
+        match self {
+            Store::Postgres(db) => Store::Postgres(db.with_write(write)),
+            other => other,
+        }
+    }
+
+    /// Whether 1-minute and 1-hour history comes from TimescaleDB continuous aggregates
+    /// (`readings_1m`, `readings_1h`) rather than from the raw table.
+    pub fn uses_aggregates(&self) -> bool {
+        match self {
+            Store::Postgres(db) => db.uses_aggregates(),
+            Store::Sqlite(_) => false,
+        }
+    }
+
+    /// COPYs readings straight into the table with no deduplication and no device
+    /// bookkeeping (PostgreSQL only): the raw-speed yardstick for the ingest benchmark, and
+    /// a bulk load into a table known not to hold these rows.
+    pub async fn copy_readings_raw(&self, readings: &[Reading]) -> Result<u64> {
+        match self {
+            Store::Postgres(db) => db.copy_readings_raw(readings).await,
+            Store::Sqlite(_) => Err(StoreError::Unsupported("raw COPY", "sqlite")),
         }
     }
 
@@ -138,7 +171,11 @@ impl Store {
 
     /// Stores readings in one transaction, ignoring any already stored (same device, metric
     /// and time), and records each device as seen at `seen_at`. Returns rows newly inserted.
-    pub async fn insert_readings(&self, readings: &[Reading], seen_at: DateTime<Utc>) -> Result<u64> {
+    pub async fn insert_readings(
+        &self,
+        readings: &[Reading],
+        seen_at: DateTime<Utc>,
+    ) -> Result<u64> {
         if readings.is_empty() {
             return Ok(0);
         }
@@ -193,7 +230,8 @@ fn parse_alert(
 ) -> std::result::Result<(AlertState, telemon_model::Priority), sqlx::Error> {
     let bad = |what: &str, v: &str| sqlx::Error::Decode(format!("invalid {what} {v:?}").into());
     let state = AlertState::parse(state).ok_or_else(|| bad("state", state))?;
-    let priority = telemon_model::Priority::parse(priority).ok_or_else(|| bad("priority", priority))?;
+    let priority =
+        telemon_model::Priority::parse(priority).ok_or_else(|| bad("priority", priority))?;
     Ok((state, priority))
 }
 

@@ -55,7 +55,9 @@ impl Sqlite {
     }
 
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/sqlite").run(&self.pool).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -64,7 +66,11 @@ impl Sqlite {
         Ok(())
     }
 
-    pub async fn insert_readings(&self, readings: &[Reading], seen_at: DateTime<Utc>) -> Result<u64> {
+    pub async fn insert_readings(
+        &self,
+        readings: &[Reading],
+        seen_at: DateTime<Utc>,
+    ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
         for r in readings {
