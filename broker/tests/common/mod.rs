@@ -353,6 +353,19 @@ pub struct Raw {
 }
 
 impl Raw {
+    pub fn from_stream(stream: TlsStream<TcpStream>) -> Raw {
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends and ignores write errors: for bytes the server may refuse mid-write.
+    pub async fn send_lossy(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
         self.stream.flush().await.unwrap();
