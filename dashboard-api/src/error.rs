@@ -11,6 +11,10 @@ use tracing::error;
 pub enum HttpError {
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    #[error("not permitted")]
+    Forbidden,
+    #[error("too many failed logins, try again later")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0} not found")]
@@ -19,6 +23,8 @@ pub enum HttpError {
     Conflict(String),
     #[error("service unavailable, try again")]
     Unavailable,
+    #[error("internal error")]
+    Auth(#[from] crate::auth::AuthError),
     #[error("storage unavailable")]
     Store(#[from] telemon_store::StoreError),
 }
@@ -27,16 +33,27 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = match &self {
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HttpError::Forbidden => StatusCode::FORBIDDEN,
+            HttpError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
             HttpError::Conflict(_) => StatusCode::CONFLICT,
             HttpError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Auth(e) => {
+                error!(cause = %e, "request failed in authentication");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             HttpError::Store(e) => {
                 error!(cause = %e, "request failed in storage");
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if let HttpError::TooManyRequests { retry_after_secs } = &self {
+            response
+                .headers_mut()
+                .insert("retry-after", (*retry_after_secs).into());
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 "www-authenticate",
@@ -44,5 +61,30 @@ impl IntoResponse for HttpError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_detail_stays_in_the_log() {
+        let err = HttpError::Store(telemon_store::StoreError::UnsupportedUrl);
+        assert_eq!(err.to_string(), "storage unavailable");
+        assert_eq!(
+            err.into_response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn rate_limited_responses_say_when_to_retry() {
+        let response = HttpError::TooManyRequests {
+            retry_after_secs: 42,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["retry-after"], "42");
     }
 }

@@ -1,15 +1,20 @@
 //! telemon's HTTP API: REST under `/api/v1`, the live stream of readings and alerts
 //! (Server-Sent Events), `/healthz`, `/readyz` and Prometheus `/metrics`.
 //!
-//! - [`auth`]: bearer tokens.
+//! - [`access`]: the access filter (which patients and devices a request may see) and the
+//!   audit log of views of patient data.
+//! - [`auth`]: users, passwords, sessions, API tokens, login rate limiting.
 //! - [`error`]: the one place where failures become HTTP statuses; clients never see SQL or
 //!   internal text.
 //! - [`live`]: the feed of readings and alerts from the broker that streams fan out from.
-//! - [`routes`]: the handlers, one file per resource.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers.
+//! - [`routes`]: the handlers, one file per resource, and the embedded dashboard.
 
+pub mod access;
 pub mod auth;
 pub mod error;
 pub mod live;
+pub mod openapi;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -72,7 +77,7 @@ impl Api {
         };
         let listener = TcpListener::bind(listen).await.map_err(bind)?;
         let local_addr = listener.local_addr().map_err(bind)?;
-        let app = routes::router(state);
+        let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(cause = %e, "HTTP server stopped");

@@ -5,8 +5,11 @@
 //! `telemon up` run with no database server. Migrations are versioned per backend under
 //! `migrations/` and embedded in the binary.
 
+mod access;
 mod postgres;
 mod sqlite;
+
+pub use access::{ApiToken, AuditEntry, NewPatient, Patient, PatientDirectory, User};
 
 pub use postgres::PgWrite;
 

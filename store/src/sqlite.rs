@@ -54,6 +54,11 @@ impl Sqlite {
         Ok(Sqlite { pool })
     }
 
+    /// The pool, for the access-control queries in `access.rs`.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub async fn migrate(&self) -> Result<()> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.pool)

@@ -3,32 +3,62 @@
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use telemon_model::{DeviceId, Reading};
-use telemon_store::{DeadLetter, Device, ReadingQuery};
+use telemon_store::{DeadLetter, ReadingQuery};
+use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::Principal;
+use crate::access::Access;
 use crate::error::HttpError;
+use crate::openapi::{ErrorBody, ReadingDoc};
 use crate::AppState;
 
 /// Most rows one request returns: bounds memory per request.
 const MAX_LIMIT: i64 = 10_000;
 
-pub async fn list(
-    _: Principal,
-    State(state): State<AppState>,
-) -> Result<Json<Vec<Device>>, HttpError> {
-    Ok(Json(state.store.devices().await?))
+/// A device as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceView {
+    pub id: String,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// From the device's will message; absent when it never said.
+    pub online: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Devices in the caller's scope.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices",
+    responses((status = 200, body = Vec<DeviceView>), (status = 401, body = ErrorBody)))]
+pub async fn list(
+    access: Access,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<DeviceView>>, HttpError> {
+    let devices = state.store.devices().await?;
+    let visible = devices
+        .into_iter()
+        .filter(|d| access.scope.device(&d.id))
+        .map(|d| DeviceView {
+            id: d.id,
+            first_seen: d.first_seen,
+            last_seen: d.last_seen,
+            online: d.online,
+        })
+        .collect();
+    Ok(Json(visible))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReadingParams {
     metric: Option<String>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-    /// Average numeric readings over buckets of this many seconds.
+    /// Average numeric readings over buckets of this many seconds (1 to 2678400).
+    #[param(minimum = 1, maximum = 2678400)]
     bucket: Option<i64>,
+    /// Newest first, at most this many (1 to 10000, default 1000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
@@ -36,13 +66,19 @@ fn device_id(id: String) -> Result<DeviceId, HttpError> {
     DeviceId::new(id).map_err(|e| HttpError::BadRequest(e.to_string()))
 }
 
+/// Readings of one device, newest first, optionally bucketed.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/readings", tag = "devices",
+    params(("id" = String, Path, description = "device id"), ReadingParams),
+    responses((status = 200, body = Vec<ReadingDoc>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn readings(
-    _: Principal,
+    access: Access,
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(params): Query<ReadingParams>,
 ) -> Result<Json<Vec<Reading>>, HttpError> {
     let device = device_id(id)?;
+    access.device(device.as_str())?;
     let limit = params.limit.unwrap_or(1000);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(HttpError::BadRequest(format!(
@@ -57,6 +93,10 @@ pub async fn readings(
             "bucket must be 1 to 2678400 seconds".into(),
         ));
     }
+
+    access
+        .audit(&state, "view readings", device.as_str())
+        .await?;
     let query = ReadingQuery {
         device: device.to_string(),
         metric: params.metric,
@@ -68,16 +108,23 @@ pub async fn readings(
     Ok(Json(state.store.readings(&query).await?))
 }
 
+/// The newest reading of every metric of one device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/latest", tag = "devices",
+    params(("id" = String, Path, description = "device id")),
+    responses((status = 200, body = Vec<ReadingDoc>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn latest(
-    _: Principal,
+    access: Access,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Reading>>, HttpError> {
     let device = device_id(id)?;
+    access.device(device.as_str())?;
+    access.audit(&state, "view latest", device.as_str()).await?;
     Ok(Json(state.store.latest(device.as_str()).await?))
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct DeadLetterView {
     received_at: DateTime<Utc>,
     topic: String,
@@ -88,10 +135,15 @@ pub struct DeadLetterView {
     payload: String,
 }
 
+/// Messages that could not become readings (admins only: payloads may hold patient data).
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "admin",
+    responses((status = 200, body = Vec<DeadLetterView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn dead_letters(
-    _: Principal,
+    access: Access,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<DeadLetterView>>, HttpError> {
+    access.principal.require_admin()?;
     let letters = state.store.dead_letters(500).await?;
     Ok(Json(letters.into_iter().map(view).collect()))
 }

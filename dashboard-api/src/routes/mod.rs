@@ -1,28 +1,61 @@
-//! The router: every route, and the state each handler gets.
+//! The router: every route, and the state each handler gets. API routes are registered with
+//! their OpenAPI descriptions, so the document cannot drift from the routes.
 
+mod admin;
 mod alerts;
+mod dashboard;
 mod devices;
 mod ops;
+pub(crate) mod patients;
+mod session;
 mod stream;
 
-use axum::routing::{get, post};
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::openapi::ApiDoc;
 use crate::AppState;
 
+/// The API routes and the OpenAPI document describing them.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(session::login))
+        .routes(routes!(session::logout))
+        .routes(routes!(session::me))
+        .routes(routes!(devices::list))
+        .routes(routes!(devices::readings))
+        .routes(routes!(devices::latest))
+        .routes(routes!(devices::dead_letters))
+        .routes(routes!(patients::list))
+        .routes(routes!(patients::get, admin::put_patient))
+        .routes(routes!(patients::latest))
+        .routes(routes!(admin::attach_device, admin::detach_device))
+        .routes(routes!(admin::create_user, admin::list_users))
+        .routes(routes!(admin::assign, admin::unassign))
+        .routes(routes!(admin::create_token))
+        .routes(routes!(admin::audit))
+        .routes(routes!(alerts::list))
+        .routes(routes!(alerts::get))
+        .routes(routes!(alerts::acknowledge))
+        .routes(routes!(stream::sse))
+        .routes(routes!(stream::ws))
+        .split_for_parts()
+}
+
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/devices", get(devices::list))
-        .route("/devices/{id}/readings", get(devices::readings))
-        .route("/devices/{id}/latest", get(devices::latest))
-        .route("/alerts", get(alerts::list))
-        .route("/alerts/{id}", get(alerts::get))
-        .route("/alerts/{id}/ack", post(alerts::acknowledge))
-        .route("/dead-letters", get(devices::dead_letters))
-        .route("/stream", get(stream::sse));
+    let (api, document) = api();
+    let document = std::sync::Arc::new(document);
     Router::new()
-        .nest("/api/v1", api)
+        .merge(api)
+        .route(
+            "/api/v1/openapi.json",
+            get(move || std::future::ready(Json(document.as_ref().clone()))),
+        )
+        .merge(dashboard::router())
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
