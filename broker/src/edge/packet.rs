@@ -693,7 +693,7 @@ mod tests {
 
     #[test]
     fn publish_v5_reads_topic_alias() {
-        let p = parse_publish(&whole(b"\x30\x05\0\0\x03\x23\0\x07"), Protocol::V5).unwrap();
+        let p = parse_publish(&whole(b"\x30\x06\0\0\x03\x23\0\x07"), Protocol::V5).unwrap();
         assert_eq!(p.topic_alias, Some(7));
         let no_alias = whole(b"\x30\x03\0\0\0");
         assert_eq!(
