@@ -444,6 +444,34 @@ fn assemble_patients(
 mod tests {
     use super::*;
 
+    /// A fresh database on the test PostgreSQL server (scripts/test.sh starts one).
+    async fn postgres_store(name: &str) -> Store {
+        use sqlx::Connection;
+
+        let admin = std::env::var("TELEMON_TEST_DATABASE_URL")
+            .expect("TELEMON_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh");
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        let db = format!("access_{name}_{}", std::process::id());
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db}"),
+            format!("CREATE DATABASE {db}"),
+        ] {
+            sqlx::query(&sql).execute(&mut conn).await.unwrap();
+        }
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        let store = Store::connect(&format!("{base}/{db}")).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn postgres_gives_the_same_answers() {
+        let store = postgres_store("same").await;
+        check_sessions(&store).await;
+        check_assignments(&store).await;
+        check_audit(&store).await;
+    }
+
     async fn store() -> Store {
         let dir = std::env::temp_dir().join(format!(
             "telemon-access-{}-{}",
@@ -469,7 +497,10 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_expire() {
-        let store = store().await;
+        check_sessions(&store().await).await;
+    }
+
+    async fn check_sessions(store: &Store) {
         let now = Utc::now();
         let user = User {
             name: "ann".into(),
@@ -489,7 +520,10 @@ mod tests {
 
     #[tokio::test]
     async fn assignments_follow_devices_and_feed_the_directory() {
-        let store = store().await;
+        check_assignments(&store().await).await;
+    }
+
+    async fn check_assignments(store: &Store) {
         store.upsert_patient(&patient("p1")).await.unwrap();
         store.upsert_patient(&patient("p2")).await.unwrap();
         store.attach_device("bed-1", "p1").await.unwrap();
@@ -518,7 +552,10 @@ mod tests {
 
     #[tokio::test]
     async fn audit_lists_newest_first_per_actor() {
-        let store = store().await;
+        check_audit(&store().await).await;
+    }
+
+    async fn check_audit(store: &Store) {
         for (actor, target) in [("ann", "p1"), ("bob", "p2"), ("ann", "p3")] {
             let entry = AuditEntry {
                 at: Utc::now(),
