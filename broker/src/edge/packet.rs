@@ -817,7 +817,7 @@ mod tests {
     fn seeded_random_bytes_never_panic_the_parsers() {
         use rand::{Rng, SeedableRng};
 
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x7e1e_303);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x07e1_e303);
         let seeds = seeds();
         let mut parsed = 0;
         for round in 0..4000 {
