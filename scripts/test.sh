@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 PG_VERSION=15
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
-PACKAGES=(mosquitto mosquitto-clients "postgresql-$PG_VERSION" openssl)
+# chromium and npm: the dashboard's browser test (tests/api_browser.rs).
+PACKAGES=(mosquitto mosquitto-clients "postgresql-$PG_VERSION" openssl chromium npm)
 
 log() { printf '\n==> %s\n' "$*"; }
 
@@ -67,7 +68,17 @@ stop_postgres() {
 }
 trap stop_postgres EXIT
 
+# playwright-core for the browser test, at the version the lock file pins; it drives
+# Debian's chromium, so no browser is downloaded.
+install_browser_driver() {
+    if [ ! -d tests/browser/node_modules/playwright-core ]; then
+        log "npm ci in tests/browser"
+        (cd tests/browser && npm ci --no-audit --no-fund >/dev/null)
+    fi
+}
+
 install_packages
+install_browser_driver
 start_postgres
 
 log "cargo fmt --check"
