@@ -64,6 +64,24 @@ impl IntoResponse for HttpError {
     }
 }
 
+/// Turns axum's own rejections (a malformed query, path or JSON body: plain text, with 400,
+/// 415 or 422) into the API's JSON error body with 400, so every client error has one shape
+/// and one documented status.
+pub async fn json_rejections(response: Response) -> Response {
+    let plain_text = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !response.status().is_client_error() || !plain_text {
+        return response;
+    }
+    // Rejection messages are short; the bound only guards against surprises.
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    HttpError::BadRequest(String::from_utf8_lossy(&body).into_owned()).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

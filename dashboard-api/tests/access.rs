@@ -536,3 +536,24 @@ async fn the_openapi_document_lists_every_route() {
     let dashboard = server.http.get(&server.url).send().await.unwrap();
     assert_eq!(dashboard.status(), 200);
 }
+
+#[tokio::test]
+async fn malformed_requests_get_the_json_error_body() {
+    let server = serve().await;
+    let bad_body = json!({ "name": "x", "spo2_scale": 1.5 });
+    let (status, body) = server
+        .call("PUT", "/api/v1/patients/p1", ADMIN, Some(bad_body))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("spo2_scale")),
+        "{body}"
+    );
+    let (status, body) = server
+        .call("GET", "/api/v1/alerts?limit=many", ADMIN, None)
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"].is_string(), "{body}");
+}

@@ -38,7 +38,9 @@ fn check_name(what: &str, name: &str) -> Result<(), HttpError> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
     pub name: String,
+    #[schema(min_length = 8, max_length = 256)]
     pub password: String,
     pub role: Role,
 }
@@ -60,9 +62,9 @@ pub async fn create_user(
 ) -> Result<(StatusCode, Json<UserView>), HttpError> {
     principal.require_admin()?;
     check_name("name", &new.name)?;
-    if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&new.password.len()) {
+    if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&new.password.chars().count()) {
         return Err(HttpError::BadRequest(format!(
-            "password must be {MIN_PASSWORD} to {MAX_PASSWORD} bytes"
+            "password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters"
         )));
     }
 
@@ -101,10 +103,13 @@ pub async fn list_users(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
     pub name: String,
-    /// The integration's role; a device token is always a viewer of its device.
+    /// The integration's role (viewer when absent); a device token is always a viewer of
+    /// its device.
     pub role: Option<Role>,
     /// Makes a device-only token that reads this device's data and nothing else.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub device: Option<String>,
 }
 
@@ -132,8 +137,8 @@ pub async fn create_token(
             DeviceId::new(device.clone()).map_err(|e| HttpError::BadRequest(e.to_string()))?;
             Role::Viewer
         }
-        (None, Some(role)) => role,
-        (None, None) => return Err(HttpError::BadRequest("give a role or a device".into())),
+        // Least privilege when the role is left out.
+        (None, role) => role.unwrap_or(Role::Viewer),
     };
 
     let token = auth::new_token(auth::API_TOKEN_PREFIX);
@@ -166,16 +171,17 @@ pub async fn create_token(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatientBody {
+    #[schema(min_length = 1, max_length = 256)]
     pub name: String,
     pub ward: Option<String>,
     /// 1 (default) or 2.
-    #[schema(minimum = 1, maximum = 2)]
-    pub spo2_scale: Option<i16>,
+    #[schema(value_type = Option<i16>, minimum = 1, maximum = 2)]
+    pub spo2_scale: Option<f64>,
 }
 
 /// Creates or replaces a patient (its devices and assignments stay).
 #[utoipa::path(put, path = "/api/v1/patients/{id}", tag = "admin", request_body = PatientBody,
-    params(("id" = String, Path, description = "patient id")),
+    params(("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
     responses((status = 200, body = PatientView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn put_patient(
@@ -186,12 +192,16 @@ pub async fn put_patient(
 ) -> Result<Json<PatientView>, HttpError> {
     principal.require_admin()?;
     check_name("patient id", &id)?;
-    let spo2_scale = body.spo2_scale.unwrap_or(1);
-    if !matches!(spo2_scale, 1 | 2) {
-        return Err(HttpError::BadRequest("spo2_scale must be 1 or 2".into()));
-    }
-    if body.name.is_empty() || body.name.len() > 256 {
-        return Err(HttpError::BadRequest("name must be 1 to 256 bytes".into()));
+    // A number, so that 2.0 is read as 2 the way JSON Schema's integer allows.
+    let spo2_scale = match body.spo2_scale.unwrap_or(1.0) {
+        s if s == 1.0 => 1,
+        s if s == 2.0 => 2,
+        _ => return Err(HttpError::BadRequest("spo2_scale must be 1 or 2".into())),
+    };
+    if body.name.is_empty() || body.name.chars().count() > 256 {
+        return Err(HttpError::BadRequest(
+            "name must be 1 to 256 characters".into(),
+        ));
     }
 
     let patient = NewPatient {
@@ -223,8 +233,8 @@ async fn patient_exists(state: &AppState, id: &str) -> Result<(), HttpError> {
 
 /// Attaches a device to a patient, moving it from any patient it monitored before.
 #[utoipa::path(put, path = "/api/v1/patients/{id}/devices/{device}", tag = "admin",
-    params(("id" = String, Path, description = "patient id"),
-        ("device" = String, Path, description = "device id")),
+    params(("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$"),
+        ("device" = String, Path, description = "device id", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 204, description = "attached"), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
@@ -241,8 +251,8 @@ pub async fn attach_device(
 }
 
 #[utoipa::path(delete, path = "/api/v1/patients/{id}/devices/{device}", tag = "admin",
-    params(("id" = String, Path, description = "patient id"),
-        ("device" = String, Path, description = "device id")),
+    params(("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$"),
+        ("device" = String, Path, description = "device id", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
     responses((status = 204, description = "detached"), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn detach_device(
@@ -265,9 +275,10 @@ pub async fn detach_device(
 
 /// Assigns a patient to a user (or to an integration token, by name).
 #[utoipa::path(put, path = "/api/v1/users/{name}/patients/{id}", tag = "admin",
-    params(("name" = String, Path, description = "user or token name"),
-        ("id" = String, Path, description = "patient id")),
-    responses((status = 204, description = "assigned"), (status = 401, body = ErrorBody),
+    params(("name" = String, Path, description = "user or token name", pattern = "^[A-Za-z0-9._@-]{1,128}$"),
+        ("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
+    responses((status = 204, description = "assigned"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn assign(
     principal: Principal,
@@ -275,15 +286,18 @@ pub async fn assign(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<StatusCode, HttpError> {
     principal.require_admin()?;
+    check_name("name", &name)?;
+    check_name("patient id", &id)?;
     patient_exists(&state, &id).await?;
     state.store.assign(&name, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(delete, path = "/api/v1/users/{name}/patients/{id}", tag = "admin",
-    params(("name" = String, Path, description = "user or token name"),
-        ("id" = String, Path, description = "patient id")),
-    responses((status = 204, description = "unassigned"), (status = 401, body = ErrorBody),
+    params(("name" = String, Path, description = "user or token name", pattern = "^[A-Za-z0-9._@-]{1,128}$"),
+        ("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
+    responses((status = 204, description = "unassigned"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn unassign(
     principal: Principal,
@@ -291,6 +305,8 @@ pub async fn unassign(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<StatusCode, HttpError> {
     principal.require_admin()?;
+    check_name("name", &name)?;
+    check_name("patient id", &id)?;
     if !state.store.unassign(&name, &id).await? {
         return Err(HttpError::NotFound("assignment"));
     }

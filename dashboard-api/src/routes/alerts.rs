@@ -21,8 +21,10 @@ const SCAN_LIMIT: i64 = 5000;
 #[into_params(parameter_in = Query)]
 pub struct AlertParams {
     /// pending, firing, acknowledged or resolved.
+    #[param(pattern = "^(pending|firing|acknowledged|resolved)$")]
     state: Option<String>,
     /// high, medium or low.
+    #[param(pattern = "^(high|medium|low)$")]
     priority: Option<String>,
     /// Only alerts not yet resolved.
     active: Option<bool>,

@@ -48,6 +48,9 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 pub fn router(state: AppState) -> Router {
     let (api, document) = api();
+    let api = api.layer(axum::middleware::map_response(
+        crate::error::json_rejections,
+    ));
     let document = std::sync::Arc::new(document);
     Router::new()
         .merge(api)

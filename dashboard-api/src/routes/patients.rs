@@ -73,7 +73,7 @@ async fn visible(access: &Access, state: &AppState, id: &str) -> Result<PatientV
 }
 
 #[utoipa::path(get, path = "/api/v1/patients/{id}", tag = "patients",
-    params(("id" = String, Path, description = "patient id")),
+    params(("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
     responses((status = 200, body = PatientView), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn get(
@@ -88,7 +88,7 @@ pub async fn get(
 
 /// The newest reading of every metric of every device monitoring the patient.
 #[utoipa::path(get, path = "/api/v1/patients/{id}/latest", tag = "patients",
-    params(("id" = String, Path, description = "patient id")),
+    params(("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
     responses((status = 200, body = Vec<ReadingDoc>), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn latest(

@@ -12,13 +12,16 @@ use crate::error::HttpError;
 use crate::openapi::ErrorBody;
 use crate::AppState;
 
-/// Longest accepted user name or password: bounds argon2's input and the limiter's keys.
+/// Longest accepted user name or password, in characters: bounds argon2's input and the
+/// limiter's keys.
 const MAX_FIELD: usize = 256;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
+    #[schema(min_length = 1, max_length = 256)]
     pub user: String,
+    #[schema(max_length = 256)]
     pub password: String,
 }
 
@@ -42,11 +45,11 @@ pub async fn login(
     Json(request): Json<LoginRequest>,
 ) -> Result<Json<LoginResponse>, HttpError> {
     if request.user.is_empty()
-        || request.user.len() > MAX_FIELD
-        || request.password.len() > MAX_FIELD
+        || request.user.chars().count() > MAX_FIELD
+        || request.password.chars().count() > MAX_FIELD
     {
         return Err(HttpError::BadRequest(format!(
-            "user must be 1 to {MAX_FIELD} bytes, password at most {MAX_FIELD}"
+            "user must be 1 to {MAX_FIELD} characters, password at most {MAX_FIELD}"
         )));
     }
     let limiter = state.auth.limiter();
