@@ -194,8 +194,8 @@ pub async fn put_patient(
     check_name("patient id", &id)?;
     // A number, so that 2.0 is read as 2 the way JSON Schema's integer allows.
     let spo2_scale = match body.spo2_scale.unwrap_or(1.0) {
-        s if s == 1.0 => 1,
-        s if s == 2.0 => 2,
+        1.0 => 1,
+        2.0 => 2,
         _ => return Err(HttpError::BadRequest("spo2_scale must be 1 or 2".into())),
     };
     if body.name.is_empty() || body.name.chars().count() > 256 {
