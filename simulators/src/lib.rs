@@ -6,12 +6,16 @@
 //! - [`home`]: smart-home sensors (climate, door contact, power plug).
 //! - [`fleet`]: runs many devices against a broker and counts what they published.
 //! - [`scenario`]: the TOML file that describes a fleet and its timed events.
+//! - [`bench`]: the load generator: many connections flat out or at a rate, throughput and
+//!   latency percentiles, a sink to measure itself, and Mosquitto started as the yardstick.
 //!
 //! The models are pure: they take a time step and a random number generator and return the
-//! metric values, so a seeded generator replays a run exactly. Only [`fleet`] does I/O.
+//! metric values, so a seeded generator replays a run exactly. Only [`fleet`] and [`bench`]
+//! do I/O.
 
 use std::collections::BTreeMap;
 
+pub mod bench;
 pub mod fleet;
 pub mod home;
 pub mod physiology;
