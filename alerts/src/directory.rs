@@ -62,6 +62,28 @@ pub struct LimitOverride {
 
 impl Directory {
     /// Attaches a device to a patient (builder style, for set-up code and tests).
+    /// The directory as stored by the API (patients, their wards and SpO2 scales, and which
+    /// device monitors whom). Per-patient limit overrides are not stored there.
+    pub fn from_store(stored: telemon_store::PatientDirectory) -> Directory {
+        let patients = stored
+            .patients
+            .into_iter()
+            .map(|(id, (group, scale))| {
+                let spo2_scale = if scale == 2 { Spo2Scale::Two } else { Spo2Scale::One };
+                let patient = Patient {
+                    group,
+                    spo2_scale,
+                    overrides: BTreeMap::new(),
+                };
+                (id, patient)
+            })
+            .collect();
+        Directory {
+            devices: stored.devices,
+            patients,
+        }
+    }
+
     pub fn with_device(mut self, device: &str, patient: &str) -> Self {
         self.devices.insert(device.to_string(), patient.to_string());
         self

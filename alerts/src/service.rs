@@ -148,7 +148,7 @@ pub async fn start(
     let options = bus.mqtt_options(&settings.client_id)?;
     let (client, eventloop) = AsyncClient::new(options, MQTT_QUEUE);
     let (records, record_rx) = mpsc::channel(RECORD_QUEUE);
-    tokio::spawn(Recorder::new(store, settings.store_queue, health.clone()).run(record_rx));
+    tokio::spawn(Recorder::new(store.clone(), settings.store_queue, health.clone()).run(record_rx));
 
     let mut evaluator = Evaluator {
         outlet: Outlet {
@@ -167,6 +167,7 @@ pub async fn start(
     let mut filters = decoder.subscriptions();
     filters.push(ALERT_ACK_TOPIC.to_string());
     tokio::spawn(evaluator.run(input_rx, settings.tick));
+    tokio::spawn(refresh_directory(store.clone(), inputs.clone()));
     let mqtt = Mqtt {
         client,
         filters,
@@ -182,6 +183,31 @@ pub async fn start(
         rules_file: settings.rules_file,
         changing: Arc::new(tokio::sync::Mutex::new(())),
     })
+}
+
+/// How often patients and device assignments made through the API reach the engine.
+const DIRECTORY_REFRESH: Duration = Duration::from_secs(5);
+
+/// Keeps the engine's directory in step with the patients stored by the API. While the store
+/// holds no patients, the directory the service was started with stays in force.
+async fn refresh_directory(store: Store, inputs: mpsc::Sender<Input>) {
+    let mut tick = tokio::time::interval(DIRECTORY_REFRESH);
+    loop {
+        tick.tick().await;
+        let stored = match store.patient_directory().await {
+            Ok(stored) => stored,
+            Err(e) => {
+                debug!(cause = %e, "patient directory not refreshed");
+                continue;
+            }
+        };
+        if stored.patients.is_empty() && stored.devices.is_empty() {
+            continue;
+        }
+        if inputs.send(Input::Directory(Directory::from_store(stored))).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Active alerts from the store, retried a few times: a database still starting must not
@@ -272,6 +298,7 @@ enum Input {
     Ack(AckRequest),
     Rules(oneshot::Sender<Vec<Rule>>),
     SetRules(Vec<Rule>, oneshot::Sender<Result<(), RuleError>>),
+    Directory(Directory),
 }
 
 /// The engine task: the only owner of the engine.
@@ -320,6 +347,13 @@ impl Evaluator {
             },
             Input::Rules(reply) => {
                 let _ = reply.send(self.engine.rules().to_vec());
+                Vec::new()
+            }
+            Input::Directory(directory) => {
+                if *self.engine.directory() != directory {
+                    info!(patients = directory.patients.len(), "patient directory updated");
+                    self.engine.set_directory(directory);
+                }
                 Vec::new()
             }
             Input::SetRules(rules, reply) => match self.engine.set_rules(rules, now) {
