@@ -6,6 +6,7 @@
 
 mod certs;
 mod data_dir;
+mod ingest_cmd;
 mod simulate;
 mod up;
 
@@ -43,6 +44,8 @@ struct Cli {
 enum Command {
     /// Run broker, ingest, alerts and the HTTP API in one process.
     Up(up::UpArgs),
+    /// Run ingest alone against an external MQTT broker.
+    Ingest(ingest_cmd::IngestArgs),
     /// Prepare the database: apply every pending migration.
     Migrate,
     /// Run simulated vital-sign monitors against a broker (telemon's or any other).
@@ -69,6 +72,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(&cli.data_dir, cli.database_url.as_deref(), args).await,
+            Command::Ingest(args) => {
+                ingest_cmd::run(&cli.data_dir, cli.database_url.as_deref(), args).await
+            }
             Command::Migrate => migrate(&cli.data_dir, cli.database_url.as_deref()).await,
             Command::Simulate(args) => simulate::run(&cli.data_dir, args).await,
             Command::Certs { command } => certs::run(&cli.data_dir, command),

@@ -8,7 +8,7 @@
 //! that lost the session (`session present = 0`) would otherwise send nothing.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use crate::decode::{Decoder, Message, Rejection, ONLINE_METRIC};
 use crate::spool::{Spool, SpoolError, SpooledBatch};
 
 const HEALTH: &str = "ingest";
+const SPOOLING: &str = "database unreachable; spooling";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -204,6 +205,7 @@ async fn run(
     let (tx, rx) = mpsc::channel(settings.batch_size * 4);
     health.set(HEALTH, Status::Starting, "connecting to the broker");
     let received = handle.received.clone();
+    let spooling = Arc::new(AtomicBool::new(false));
     tokio::spawn(poll(
         eventloop,
         client.clone(),
@@ -211,6 +213,7 @@ async fn run(
         tx,
         health.clone(),
         received,
+        spooling.clone(),
     ));
 
     let mut batcher = Batcher {
@@ -223,6 +226,7 @@ async fn run(
         counters: Counters::new(),
         refusal_log: Default::default(),
         acknowledged: handle.acknowledged,
+        spooling,
     };
     batcher.run(rx).await;
 }
@@ -235,6 +239,7 @@ async fn poll(
     tx: mpsc::Sender<(Publish, DateTime<Utc>)>,
     health: Health,
     received: Arc<AtomicU64>,
+    spooling: Arc<AtomicBool>,
 ) {
     loop {
         match eventloop.poll().await {
@@ -256,7 +261,27 @@ async fn poll(
                 if let Err(e) = client.try_subscribe_many(subscriptions) {
                     error!(cause = %e, "could not subscribe");
                 }
-                health.set(HEALTH, Status::Ok, "");
+                health.set(HEALTH, Status::Starting, "subscribing");
+            }
+            // Ready only once the broker has taken the subscriptions: a message published
+            // before that would reach no one.
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused {
+                    error!("the broker refused a subscription");
+                    health.set(
+                        HEALTH,
+                        Status::Degraded,
+                        "subscription refused by the broker",
+                    );
+                } else if spooling.load(Ordering::SeqCst) {
+                    health.set(HEALTH, Status::Degraded, SPOOLING);
+                } else {
+                    health.set(HEALTH, Status::Ok, "");
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -278,6 +303,8 @@ struct Batcher {
     counters: Counters,
     refusal_log: std::collections::HashMap<String, Instant>,
     acknowledged: Arc<AtomicU64>,
+    /// Set while batches go to the spool, so that a reconnect does not report healthy.
+    spooling: Arc<AtomicBool>,
 }
 
 /// What one batch of messages became.
@@ -385,11 +412,8 @@ impl Batcher {
                             self.counters
                                 .spool_bytes
                                 .set(self.spool.used_bytes() as i64);
-                            self.health.set(
-                                HEALTH,
-                                Status::Degraded,
-                                "database unreachable; spooling",
-                            );
+                            self.spooling.store(true, Ordering::SeqCst);
+                            self.health.set(HEALTH, Status::Degraded, SPOOLING);
                             break;
                         }
                         Err(e) => {
@@ -465,6 +489,7 @@ impl Batcher {
                         .set(self.spool.used_bytes() as i64);
                     if self.spool.used_bytes() == 0 {
                         info!("spool drained; database writes resumed");
+                        self.spooling.store(false, Ordering::SeqCst);
                         self.health.set(HEALTH, Status::Ok, "");
                     }
                 }
