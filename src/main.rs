@@ -5,6 +5,7 @@
 //! services live in the workspace crates.
 
 mod certs;
+mod config;
 mod data_dir;
 mod ingest_cmd;
 mod simulate;

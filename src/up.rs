@@ -10,7 +10,7 @@ use anyhow::Context;
 use telemon_alerts::directory::Directory;
 use telemon_alerts::rule::{Rule, RuleFile};
 use telemon_alerts::service::AlertsSettings;
-use telemon_broker::edge::{Edge, EdgeConfig, Limits, TlsFiles};
+use telemon_broker::edge::{Edge, EdgeConfig, TlsFiles};
 use telemon_broker::engine::{Engine, EngineSettings};
 use telemon_broker::pki::{IdentitySource, Pki};
 use telemon_dashboard_api::{Api, Auth};
@@ -19,6 +19,7 @@ use telemon_ingest::service::IngestSettings;
 use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
+use crate::config::Config;
 use crate::{data_dir, simulate};
 
 const DEFAULT_RULES: &str = include_str!("default-rules.toml");
@@ -55,9 +56,14 @@ pub struct UpArgs {
     #[arg(long, value_delimiter = ',')]
     server_name: Vec<String>,
 
-    /// Where the device identity is read from in client certificates.
-    #[arg(long, default_value = "cn")]
-    identity: IdentitySource,
+    /// Where the device identity is read from in client certificates: cn (the default),
+    /// san-dns or san-uri.
+    #[arg(long)]
+    identity: Option<IdentitySource>,
+
+    /// Configuration file (see telemon.example.toml); flags win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
 
     /// Once ready, write the bound addresses here as JSON (for scripts and tests that
     /// listen on port 0).
@@ -65,7 +71,21 @@ pub struct UpArgs {
     ready_file: Option<PathBuf>,
 }
 
-pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> anyhow::Result<()> {
+pub async fn run(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    mut args: UpArgs,
+) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    args.acl = args.acl.or(config.broker.acl_file);
+    args.mappings = args.mappings.or(config.ingest.mappings_file);
+    args.rules = args.rules.or(config.alerts.rules_file);
+    args.server_name.extend(config.broker.server_names);
+    let identity = args.identity.or(config.broker.identity).unwrap_or_default();
+
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let health = Health::default();
@@ -90,9 +110,9 @@ pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> a
             cert: server_cert,
             key: server_key,
         },
-        identity: args.identity,
+        identity,
         acl_file: args.acl.clone(),
-        limits: Limits::default(),
+        limits: config.broker.limits,
     };
     let edge = Edge::start(edge_config, engine.clone())
         .await
@@ -112,7 +132,10 @@ pub async fn run(data_dir: &Path, database_url: Option<&str>, args: UpArgs) -> a
     let rules = load_rules(args.rules.as_deref())?;
     telemon_alerts::service::start(
         engine.bus(),
-        AlertsSettings::default(),
+        AlertsSettings {
+            webhooks: config.alerts.webhooks,
+            ..AlertsSettings::default()
+        },
         rules,
         Directory::default(),
         decoder.clone(),

@@ -130,6 +130,7 @@ pub enum IdentitySource {
     /// The subject Common Name; what `telemon cert issue` writes, and what Mosquitto's
     /// `use_identity_as_username` reads.
     #[default]
+    #[serde(alias = "cn")]
     CommonName,
     /// A subjectAltName DNS name.
     SanDns,
