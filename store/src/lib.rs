@@ -7,11 +7,12 @@
 
 mod access;
 mod postgres;
+mod rules;
 mod sqlite;
 
 pub use access::{ApiToken, AuditEntry, NewPatient, Patient, PatientDirectory, User};
-
 pub use postgres::PgWrite;
+pub use rules::{RuleTable, StoredRule};
 
 use chrono::{DateTime, Utc};
 use telemon_model::{AlertEvent, AlertState, Reading};
