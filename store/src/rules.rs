@@ -210,8 +210,14 @@ mod tests {
         let first = rule("hr-high", r#"{"v":1}"#, "admin");
         assert!(store.put_api_rule(&first).await.unwrap());
         let second = rule("hr-high", r#"{"v":2}"#, "ann");
-        assert!(!store.put_api_rule(&second).await.unwrap(), "replaced, not new");
-        store.put_api_rule(&rule("a-rule", "{}", "admin")).await.unwrap();
+        assert!(
+            !store.put_api_rule(&second).await.unwrap(),
+            "replaced, not new"
+        );
+        store
+            .put_api_rule(&rule("a-rule", "{}", "admin"))
+            .await
+            .unwrap();
         let api = store.stored_rules(RuleTable::Api).await.unwrap();
         let ids: Vec<&str> = api.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["a-rule", "hr-high"], "ordered by id");
