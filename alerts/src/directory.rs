@@ -69,7 +69,11 @@ impl Directory {
             .patients
             .into_iter()
             .map(|(id, (group, scale))| {
-                let spo2_scale = if scale == 2 { Spo2Scale::Two } else { Spo2Scale::One };
+                let spo2_scale = if scale == 2 {
+                    Spo2Scale::Two
+                } else {
+                    Spo2Scale::One
+                };
                 let patient = Patient {
                     group,
                     spo2_scale,

@@ -16,6 +16,8 @@
 //! - [`news2`]: NEWS2 scoring, a pure function.
 //! - [`duration`]: the duration syntax of rule files.
 //! - `lifecycle` (private): pending, firing, acknowledged, resolved; escalation.
+//! - [`ruleset`]: the rules in force: the rules file as the base, the rules made through the
+//!   API (stored in the database) laid over it.
 //! - [`service`]: the running service: MQTT in, the engine in one task, every transition
 //!   published, stored and sent to webhooks; rule changes without a restart.
 //! - [`notify`]: webhooks, signed, retried with backoff from their own tasks.
@@ -103,6 +105,7 @@ pub mod notify;
 mod recorder;
 pub mod rule;
 pub mod rules;
+pub mod ruleset;
 pub mod service;
 
 pub use directory::{Directory, LimitOverride, Patient};
@@ -110,4 +113,5 @@ pub use engine::Engine;
 pub use lifecycle::AckError;
 pub use news2::{ClinicalRisk, Consciousness, News2Score, Observations, Spo2Scale};
 pub use rule::{Rule, RuleError, RuleFile, RuleKind, Scope};
+pub use ruleset::{RuleSource, StoredRuleError};
 pub use service::{AlertsError, AlertsHandle, AlertsSettings, SetRulesError};

@@ -10,6 +10,10 @@
 //!   anything else so that dashboards see it first;
 //! - the recorder task stores transitions, queueing them in memory while the store is down
 //!   (see `recorder`);
+//! - the rules task reads the rules made through the API from the store every
+//!   [`AlertsSettings::rules_refresh`] and hands them to the engine task when they changed
+//!   (see [`crate::ruleset`]); it also mirrors the file rules into the store, so that the API
+//!   can list the merged set;
 //! - one task per webhook (see [`crate::notify`]).
 //!
 //! The MQTT session is clean: the service is a live evaluator, and readings missed while it
@@ -35,14 +39,15 @@ use telemon_model::health::{Health, Status};
 use telemon_model::metrics::{self, Counter, Gauge};
 use telemon_model::topic::{alert_topic, ALERT_ACK_TOPIC};
 use telemon_model::{AlertEvent, AlertState, Reading};
-use telemon_store::{AlertQuery, Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use telemon_store::{AlertQuery, RuleTable, Store, StoreError};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, trace, warn};
 
 use crate::lifecycle::AckError;
 use crate::notify::{Notifier, NotifyError, RetryPolicy, Webhook};
 use crate::recorder::Recorder;
 use crate::rule::{validate_rules, Rule, RuleError, RuleFile};
+use crate::ruleset::{self, FILE_RULE_AUTHOR};
 use crate::{Directory, Engine};
 
 const HEALTH: &str = "alerts";
@@ -93,6 +98,9 @@ pub struct AlertsSettings {
     /// Where rule changes made through [`AlertsHandle::set_rules`] are saved (TOML, the rule
     /// file format), so that they survive a restart. Not saved when absent.
     pub rules_file: Option<PathBuf>,
+    /// How often the rules made through the API are read from the store: the longest a
+    /// change waits before it is in force.
+    pub rules_refresh: Duration,
     pub webhooks: Vec<Webhook>,
     pub webhook_retry: RetryPolicy,
     /// How often `for` durations, silence and escalation are checked: the error on each.
@@ -106,6 +114,7 @@ impl Default for AlertsSettings {
         AlertsSettings {
             client_id: "telemon-alerts".into(),
             rules_file: None,
+            rules_refresh: Duration::from_secs(2),
             webhooks: Vec::new(),
             webhook_retry: RetryPolicy::default(),
             tick: Duration::from_secs(1),
@@ -140,7 +149,12 @@ pub async fn start(
     health: Health,
 ) -> Result<AlertsHandle, AlertsError> {
     let health = Arc::new(ServiceHealth::new(health));
-    let engine = Engine::new(rules, directory)?;
+    validate_rules(&rules)?;
+    // Before the engine starts and active alerts are restored, so that an alert of a rule
+    // that exists only through the API resumes, and a file rule disabled through the API
+    // does not fire for the first seconds.
+    let api_rules = load_api_rules(&store).await;
+    let engine = Engine::new(ruleset::rules_in_force(&rules, &api_rules), directory)?;
     let notifier = Notifier::start(settings.webhooks.clone(), settings.webhook_retry)?;
     let active = load_active(&store).await?;
     info!(active = active.len(), "restoring active alerts");
@@ -158,6 +172,8 @@ pub async fn start(
             counters: Counters::new(),
         },
         engine,
+        file_rules: rules.clone(),
+        api_rules: api_rules.clone(),
     };
     // Restored before any reading is evaluated, so nothing fires twice.
     let restored = evaluator.engine.restore(active, Utc::now());
@@ -168,6 +184,15 @@ pub async fn start(
     filters.push(ALERT_ACK_TOPIC.to_string());
     tokio::spawn(evaluator.run(input_rx, settings.tick));
     tokio::spawn(refresh_directory(store.clone(), inputs.clone()));
+    let (file_rules, file_rx) = watch::channel(rules);
+    let refresh = RuleRefresh {
+        store: store.clone(),
+        inputs: inputs.clone(),
+        applied: api_rules,
+        rejected: Vec::new(),
+        mirrored: None,
+    };
+    tokio::spawn(refresh.run(file_rx, settings.rules_refresh));
     let mqtt = Mqtt {
         client,
         filters,
@@ -181,6 +206,7 @@ pub async fn start(
     Ok(AlertsHandle {
         inputs,
         rules_file: settings.rules_file,
+        file_rules: Arc::new(file_rules),
         changing: Arc::new(tokio::sync::Mutex::new(())),
     })
 }
@@ -204,9 +230,117 @@ async fn refresh_directory(store: Store, inputs: mpsc::Sender<Input>) {
         if stored.patients.is_empty() && stored.devices.is_empty() {
             continue;
         }
-        if inputs.send(Input::Directory(Directory::from_store(stored))).await.is_err() {
+        if inputs
+            .send(Input::Directory(Directory::from_store(stored)))
+            .await
+            .is_err()
+        {
             return;
         }
+    }
+}
+
+/// The rules made through the API, as stored at start-up. A store that cannot be read now
+/// is read again by the rules task; the file rules alone are in force until then.
+async fn load_api_rules(store: &Store) -> Vec<Rule> {
+    match store.stored_rules(RuleTable::Api).await {
+        Ok(stored) => {
+            let (rules, rejected) = ruleset::from_stored_all(&stored);
+            for e in &rejected {
+                warn!(cause = %e, "stored rule left out");
+            }
+            rules
+        }
+        Err(e) => {
+            warn!(cause = %e, "rules made through the API not loaded yet");
+            Vec::new()
+        }
+    }
+}
+
+/// The rules task: keeps the engine in step with the rules stored through the API, and the
+/// store's mirror of the file rules in step with the file rules in force.
+struct RuleRefresh {
+    store: Store,
+    inputs: mpsc::Sender<Input>,
+    /// The API rules last handed to the engine.
+    applied: Vec<Rule>,
+    /// Why stored rules were left out at the last read: logged only when it changes, not
+    /// every few seconds.
+    rejected: Vec<String>,
+    /// The file rules last written to the store's mirror.
+    mirrored: Option<Vec<Rule>>,
+}
+
+impl RuleRefresh {
+    async fn run(mut self, mut file: watch::Receiver<Vec<Rule>>, period: Duration) {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Without a handle, the file rules never change again; the ticks carry on.
+        let mut handle_alive = true;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = file.changed(), if handle_alive => handle_alive = changed.is_ok(),
+            }
+            let current = file.borrow_and_update().clone();
+            self.mirror(current).await;
+            if !self.refresh().await {
+                return;
+            }
+        }
+    }
+
+    async fn mirror(&mut self, file: Vec<Rule>) {
+        if self.mirrored.as_ref() == Some(&file) {
+            return;
+        }
+        let now = Utc::now();
+        let stored: Result<Vec<_>, _> = file
+            .iter()
+            .map(|r| ruleset::to_stored(r, FILE_RULE_AUTHOR, now))
+            .collect();
+        let written = match stored {
+            Ok(stored) => self.store.replace_file_rules(&stored).await,
+            Err(e) => return warn!(cause = %e, "file rules not mirrored"),
+        };
+        match written {
+            Ok(()) => self.mirrored = Some(file),
+            Err(e) => debug!(cause = %e, "file rules not mirrored yet"),
+        }
+    }
+
+    /// False once the engine task has ended.
+    async fn refresh(&mut self) -> bool {
+        let stored = match self.store.stored_rules(RuleTable::Api).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                debug!(cause = %e, "rules made through the API not refreshed");
+                return true;
+            }
+        };
+        let (rules, rejected) = ruleset::from_stored_all(&stored);
+        let reasons: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+        if reasons != self.rejected {
+            for reason in &reasons {
+                warn!(cause = %reason, "stored rule left out");
+            }
+            self.rejected = reasons;
+        }
+        if rules == self.applied {
+            return true;
+        }
+
+        if self
+            .inputs
+            .send(Input::ApiRules(rules.clone()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.applied = rules;
+        true
     }
 }
 
@@ -239,12 +373,15 @@ async fn load_active(store: &Store) -> Result<Vec<AlertEvent>, AlertsError> {
 pub struct AlertsHandle {
     inputs: mpsc::Sender<Input>,
     rules_file: Option<PathBuf>,
+    /// The file rules in force, which the rules task mirrors into the store.
+    file_rules: Arc<watch::Sender<Vec<Rule>>>,
     /// One rule change at a time, so the saved file and the engine agree on the last one.
     changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AlertsHandle {
-    /// The rules in force; empty once the service has stopped.
+    /// The rules in force (the file rules with the API rules laid over them); empty once the
+    /// service has stopped.
     pub async fn rules(&self) -> Vec<Rule> {
         let (reply, answer) = oneshot::channel();
         if self.inputs.send(Input::Rules(reply)).await.is_err() {
@@ -253,9 +390,11 @@ impl AlertsHandle {
         answer.await.unwrap_or_default()
     }
 
-    /// Validates the rules, saves them to the rules file (when configured) and puts them in
-    /// force. Alerts of rules removed or disabled resolve; the others carry on under the new
-    /// limits from the next reading. Nothing changes when validation or saving fails.
+    /// Replaces the file rules: validates them, saves them to the rules file (when
+    /// configured) and puts them in force under the rules made through the API, which still
+    /// win over a file rule of the same id. Alerts of rules removed or disabled resolve; the
+    /// others carry on under the new limits from the next reading. Nothing changes when
+    /// validation or saving fails.
     pub async fn set_rules(&self, rules: Vec<Rule>) -> Result<(), SetRulesError> {
         validate_rules(&rules)?;
         let _one_at_a_time = self.changing.lock().await;
@@ -264,9 +403,13 @@ impl AlertsHandle {
         }
 
         let (reply, answer) = oneshot::channel();
-        let sent = self.inputs.send(Input::SetRules(rules, reply)).await;
+        let sent = self
+            .inputs
+            .send(Input::SetRules(rules.clone(), reply))
+            .await;
         sent.map_err(|_| SetRulesError::Stopped)?;
         answer.await.map_err(|_| SetRulesError::Stopped)??;
+        self.file_rules.send_replace(rules);
         Ok(())
     }
 }
@@ -297,7 +440,10 @@ enum Input {
     Readings(Vec<Reading>),
     Ack(AckRequest),
     Rules(oneshot::Sender<Vec<Rule>>),
+    /// New file rules (from [`AlertsHandle::set_rules`]).
     SetRules(Vec<Rule>, oneshot::Sender<Result<(), RuleError>>),
+    /// The rules made through the API, as now stored.
+    ApiRules(Vec<Rule>),
     Directory(Directory),
 }
 
@@ -305,6 +451,9 @@ enum Input {
 struct Evaluator {
     engine: Engine,
     outlet: Outlet,
+    /// The two layers of rules; the engine runs [`ruleset::rules_in_force`] of them.
+    file_rules: Vec<Rule>,
+    api_rules: Vec<Rule>,
 }
 
 impl Evaluator {
@@ -351,24 +500,55 @@ impl Evaluator {
             }
             Input::Directory(directory) => {
                 if *self.engine.directory() != directory {
-                    info!(patients = directory.patients.len(), "patient directory updated");
+                    info!(
+                        patients = directory.patients.len(),
+                        "patient directory updated"
+                    );
                     self.engine.set_directory(directory);
                 }
                 Vec::new()
             }
-            Input::SetRules(rules, reply) => match self.engine.set_rules(rules, now) {
-                Ok(events) => {
-                    info!(rules = self.engine.rules().len(), "rules replaced");
-                    let _ = reply.send(Ok(()));
-                    events
+            Input::SetRules(rules, reply) => {
+                let file = std::mem::replace(&mut self.file_rules, rules);
+                match self.apply_rules(now) {
+                    Ok(events) => {
+                        let _ = reply.send(Ok(()));
+                        events
+                    }
+                    Err(e) => {
+                        self.file_rules = file;
+                        let _ = reply.send(Err(e));
+                        Vec::new()
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    Vec::new()
+            }
+            Input::ApiRules(rules) => {
+                let api = std::mem::replace(&mut self.api_rules, rules);
+                match self.apply_rules(now) {
+                    Ok(events) => events,
+                    Err(e) => {
+                        // Each stored rule was validated on its own, so this is not expected;
+                        // the rules in force stay as they were.
+                        warn!(cause = %e, "rules made through the API not applied");
+                        self.api_rules = api;
+                        Vec::new()
+                    }
                 }
-            },
+            }
         };
         self.emit(events).await;
+    }
+
+    /// Puts the merged rules in force, only when they differ from those running: an
+    /// unchanged set must not disturb pending alerts or rate-of-change histories.
+    fn apply_rules(&mut self, now: chrono::DateTime<Utc>) -> Result<Vec<AlertEvent>, RuleError> {
+        let merged = ruleset::rules_in_force(&self.file_rules, &self.api_rules);
+        if merged == self.engine.rules() {
+            return Ok(Vec::new());
+        }
+        let events = self.engine.set_rules(merged, now)?;
+        info!(rules = self.engine.rules().len(), "rules in force changed");
+        Ok(events)
     }
 
     async fn emit(&mut self, events: Vec<AlertEvent>) {

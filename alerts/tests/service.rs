@@ -615,3 +615,78 @@ fn ack_errors(reason: &str) -> u64 {
     )
     .get()
 }
+
+/// Rules stored through the API (here written straight to the store, as the API does) are
+/// laid over the file rules while the service runs: a file rule disabled by an API rule
+/// resolves its alert, a new API rule fires, deleting the API rule brings the file rule
+/// back, and the store mirrors the file rules for the API to list.
+#[tokio::test]
+async fn rules_stored_through_the_api_override_file_rules_without_a_restart() {
+    use telemon_alerts::ruleset::{self, FILE_RULE_AUTHOR};
+    use telemon_store::RuleTable;
+
+    let dir = temp_dir("api-rules");
+    let broker = Broker::start(&dir);
+    let store = sqlite(&dir).await;
+    let health = Health::default();
+    let file = RuleFile::from_toml(HR_HIGH).unwrap();
+    let settings = AlertsSettings {
+        client_id: "telemon-alerts-api-rules".into(),
+        rules_refresh: Duration::from_millis(100),
+        ..AlertsSettings::default()
+    };
+    let handle = service::start(
+        broker.bus(),
+        settings,
+        file.clone(),
+        Directory::default(),
+        Arc::new(Decoder::native_only()),
+        store.clone(),
+        health.clone(),
+    )
+    .await
+    .unwrap();
+    wait_until_ok(&health).await;
+    let mut api = Client::connect(&broker.bus(), "test-api-rules").await;
+    let (_, fired) = api
+        .breach_until(r#"{"heart_rate":130}"#, AlertState::Firing)
+        .await;
+
+    let mirrored = store.stored_rules(RuleTable::File).await.unwrap();
+    assert_eq!(mirrored.len(), 1);
+    assert_eq!(mirrored[0].updated_by, FILE_RULE_AUTHOR);
+    assert_eq!(ruleset::from_stored(&mirrored[0]).unwrap(), file[0]);
+
+    let mut disabled = file[0].clone();
+    disabled.enabled = false;
+    let mut spo2 = RuleFile::from_toml(HR_HIGH).unwrap().remove(0);
+    spo2.id = "hr-very-high".into();
+    for rule in [&disabled, &spo2] {
+        let stored = ruleset::to_stored(rule, "admin", chrono::Utc::now()).unwrap();
+        store.put_api_rule(&stored).await.unwrap();
+    }
+    let (_, resolved) = api.next(AlertState::Resolved).await;
+    assert_eq!(
+        resolved.id, fired.id,
+        "the disabled file rule's alert resolves"
+    );
+    let in_force = handle.rules().await;
+    assert_eq!(in_force, vec![disabled, spo2]);
+
+    api.publish("devices/bed-1/telemetry", r#"{"heart_rate":131}"#)
+        .await;
+    let (_, new_rule) = api.next(AlertState::Firing).await;
+    assert_eq!(new_rule.rule, "hr-very-high");
+
+    assert!(store.delete_api_rule("hr-high").await.unwrap());
+    let deadline = Instant::now() + WAIT;
+    while handle.rules().await[0] != file[0] {
+        assert!(Instant::now() < deadline, "the file rule did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.publish("devices/bed-1/telemetry", r#"{"heart_rate":132}"#)
+        .await;
+    let (_, back) = api.next(AlertState::Firing).await;
+    assert_eq!(back.rule, "hr-high");
+    assert_ne!(back.id, fired.id, "a new alert, not the resolved one");
+}
