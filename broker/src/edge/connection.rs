@@ -293,7 +293,7 @@ impl Session {
                 frame = client_rx.next() => {
                     deadline = Instant::now() + idle;
                     let mut next = frame;
-                    for _ in 0..MAX_BATCH {
+                    for n in 1..=MAX_BATCH {
                         let frame = match next {
                             Some(Ok(frame)) => frame,
                             Some(Err(FrameError::Packet(e))) => return self.refuse(e),
@@ -318,6 +318,11 @@ impl Session {
                             }
                             Verdict::Close(end) => return end,
                         }
+                        // Take another frame only if this batch will handle it: one taken
+                        // after the last iteration would be lost.
+                        if n == MAX_BATCH {
+                            break;
+                        }
                         match client_rx.next().now_or_never() {
                             Some(more) => next = more,
                             None => break,
@@ -332,11 +337,14 @@ impl Session {
                 }
                 frame = engine_rx.next() => {
                     let mut next = frame;
-                    for _ in 0..MAX_BATCH {
+                    for n in 1..=MAX_BATCH {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
                         let bytes = filter.engine_packet(protocol, frame);
                         if client_tx.write_all(&bytes).await.is_err() {
                             return End::ClientClosed;
+                        }
+                        if n == MAX_BATCH {
+                            break;
                         }
                         match engine_rx.next().now_or_never() {
                             Some(more) => next = more,
