@@ -7,6 +7,7 @@ mod dashboard;
 mod devices;
 mod ops;
 pub(crate) mod patients;
+mod rules;
 mod session;
 mod stream;
 
@@ -41,6 +42,8 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(alerts::list))
         .routes(routes!(alerts::get))
         .routes(routes!(alerts::acknowledge))
+        .routes(routes!(rules::list))
+        .routes(routes!(rules::get, rules::put, rules::delete))
         .routes(routes!(stream::sse))
         .routes(routes!(stream::ws))
         .split_for_parts()
