@@ -687,13 +687,15 @@ impl Mosquitto {
         let text = format!(
             "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
              require_certificate true\nuse_identity_as_username true\nallow_anonymous true\n\
-             persistence false\nlog_dest none\nmax_inflight_messages 2000\n\
+             persistence false\nlog_dest none\nuser root\nmax_inflight_messages 2000\n\
              max_queued_messages 0\n",
             pki.ca_path().display(),
             server.0.display(),
             server.1.display(),
         );
         std::fs::write(&conf, text)?;
+        // Run as root, Mosquitto drops to its own user unless told not to, and could then not
+        // read the 0600 server key.
         let child = Command::new("/usr/sbin/mosquitto")
             .arg("-c")
             .arg(&conf)
