@@ -154,6 +154,7 @@ pub async fn start(
     // that exists only through the API resumes, and a file rule disabled through the API
     // does not fire for the first seconds.
     let api_rules = load_api_rules(&store).await;
+    let directory = load_directory(&store).await.unwrap_or(directory);
     let engine = Engine::new(ruleset::rules_in_force(&rules, &api_rules), directory)?;
     let notifier = Notifier::start(settings.webhooks.clone(), settings.webhook_retry)?;
     let active = load_active(&store).await?;
@@ -236,6 +237,21 @@ async fn refresh_directory(store: Store, inputs: mpsc::Sender<Input>) {
             .is_err()
         {
             return;
+        }
+    }
+}
+
+/// The patients stored by the API, read once before the engine starts: otherwise readings
+/// of the first seconds after a restart would be judged as about their device rather than
+/// their patient, and would not reach the patient's restored alerts. None when the store
+/// holds no patients (the given directory stays) or cannot be read now.
+async fn load_directory(store: &Store) -> Option<Directory> {
+    match store.patient_directory().await {
+        Ok(stored) if stored.patients.is_empty() && stored.devices.is_empty() => None,
+        Ok(stored) => Some(Directory::from_store(stored)),
+        Err(e) => {
+            warn!(cause = %e, "patient directory not loaded yet");
+            None
         }
     }
 }

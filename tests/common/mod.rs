@@ -99,9 +99,21 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Up {
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rules.toml");
+        Up::start_with_rules(dir, database_url, &rules, extra)
+    }
+
+    /// Like [`Up::start`] with another rules file. A ready file left by an earlier run in
+    /// the same directory is removed first, so a restart waits for the new process.
+    pub fn start_with_rules(
+        dir: &Path,
+        database_url: Option<&str>,
+        rules: &Path,
+        extra: &[&str],
+    ) -> Up {
         let data_dir = dir.join("data");
         let ready = dir.join("ready.json");
-        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rules.toml");
+        let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(BIN);
         cmd.arg("--data-dir").arg(&data_dir);
         match database_url {
@@ -116,7 +128,7 @@ impl Up {
             "127.0.0.1:0",
         ])
         .arg("--rules")
-        .arg(&rules)
+        .arg(rules)
         .arg("--ready-file")
         .arg(&ready)
         .args(extra)
