@@ -4,6 +4,7 @@
 //! of them in one process (`up`). This crate is only the command line and the wiring; the
 //! services live in the workspace crates.
 
+mod bench;
 mod certs;
 mod config;
 mod data_dir;
@@ -51,6 +52,9 @@ enum Command {
     Migrate,
     /// Run simulated vital-sign monitors against a broker (telemon's or any other).
     Simulate(simulate::SimulateArgs),
+    /// Load generator: drive a broker and measure throughput and latency, or compare telemon
+    /// with Mosquitto side by side (`bench compare`).
+    Bench(bench::BenchArgs),
     /// Manage the development CA and device certificates.
     Certs {
         #[command(subcommand)]
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Migrate => migrate(&cli.data_dir, cli.database_url.as_deref()).await,
             Command::Simulate(args) => simulate::run(&cli.data_dir, args).await,
+            Command::Bench(args) => bench::run(&cli.data_dir, args).await,
             Command::Certs { command } => certs::run(&cli.data_dir, command),
         }
     })

@@ -387,7 +387,8 @@ mod tests {
     fn invalid_loads_are_refused() {
         let base = LoadConfig::new("127.0.0.1", 1, Transport::Plain);
         assert!(base.validate().is_ok());
-        let cases: [(&str, fn(&mut LoadConfig)); 6] = [
+        type Change = fn(&mut LoadConfig);
+        let cases: [(&str, Change); 6] = [
             ("publisher", |c| c.publishers.clear()),
             ("QoS", |c| c.qos = 3),
             ("8 bytes", |c| c.payload = 4),

@@ -92,8 +92,12 @@ impl Drop for Mosquitto {
 }
 
 fn config(port: u16, tls: &MosquittoTls) -> String {
+    // Started as root, Mosquitto switches to the `mosquitto` user before it reads the TLS
+    // files, which the caller keeps private (0600 keys in 0700 directories); `user root`
+    // keeps the identity it was started with (a non-root start ignores the option).
     format!(
         "# Written by telemon bench for one run.\n\
+         user root\n\
          per_listener_settings false\n\
          allow_anonymous true\n\
          persistence false\n\
