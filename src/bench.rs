@@ -261,6 +261,9 @@ struct BrokerFigures {
     missing: u64,
     ack_latency: Option<Latency>,
     delivery_latency: Option<Latency>,
+    /// The generator's own CPU during these runs, percent of one core: a broker that answers
+    /// message by message costs it more than the sink, which batches.
+    generator_cpu_percent: f64,
     rounds: Vec<Summary>,
 }
 
@@ -274,6 +277,7 @@ impl BrokerFigures {
             missing: rounds.iter().map(|s| s.missing).sum(),
             ack_latency: mean_latency(rounds.iter().map(|s| s.ack_latency)),
             delivery_latency: mean_latency(rounds.iter().map(|s| s.delivery_latency)),
+            generator_cpu_percent: mean(|s| s.generator_cpu_percent.unwrap_or(0.0)),
             rounds,
         }
     }
@@ -513,16 +517,22 @@ fn print_comparison(c: &Comparison) {
         c.qos, c.payload_bytes, c.publishers, c.subscribers, c.rounds, c.duration_s
     );
     println!(
-        "{:<10} {:>14} {:>14} {:>28} {:>28}",
-        "broker", "published/s", "delivered/s", "ack p50/p99/p99.9", "delivery p50/p99/p99.9"
+        "{:<10} {:>12} {:>12} {:>26} {:>28} {:>9}",
+        "broker",
+        "published/s",
+        "delivered/s",
+        "ack p50/p99/p99.9",
+        "delivery p50/p99/p99.9",
+        "gen. CPU"
     );
     for (name, f) in [("telemon", &c.telemon), ("mosquitto", &c.mosquitto)] {
         println!(
-            "{name:<10} {:>14.0} {:>14.0} {:>28} {:>28}",
+            "{name:<10} {:>12.0} {:>12.0} {:>26} {:>28} {:>8.0}%",
             f.published_per_s,
             f.delivered_per_s,
             latency(f.ack_latency),
-            latency(f.delivery_latency)
+            latency(f.delivery_latency),
+            f.generator_cpu_percent
         );
     }
     let opt = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
