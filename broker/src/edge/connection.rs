@@ -69,6 +69,7 @@ struct Counters {
     denied_publish: Counter,
     denied_subscribe: Counter,
     denied_will: Counter,
+    withheld: Counter,
     protocol_errors: Counter,
 }
 
@@ -96,6 +97,7 @@ fn counters() -> &'static Counters {
             denied_publish: denied("publish"),
             denied_subscribe: denied("subscribe"),
             denied_will: denied("will"),
+            withheld: denied("deliver"),
             protocol_errors: metrics::counter(
                 "telemon_edge_protocol_errors_total",
                 "Connections closed for malformed or forbidden packets.",
@@ -213,6 +215,19 @@ impl Session {
                 return;
             }
         };
+        // MQTT 3.1.1 §3.1.3-8: a client without an id cannot resume a session. The edge
+        // replaces the id with the certificate identity, so the engine would not notice.
+        if connect.client_id.is_empty()
+            && !connect.clean_start
+            && connect.protocol == Protocol::V311
+        {
+            debug!("empty client id with a persistent session; refused");
+            let _ = client_tx
+                .write_all(&packet::connack_identifier_rejected())
+                .await;
+            let _ = client_tx.flush().await;
+            return;
+        }
         if let Some(will) = &connect.will {
             if !self.shared.acl.can_publish(&self.identity, &will.topic) {
                 counters().denied_will.inc();
@@ -339,9 +354,18 @@ impl Session {
                     let mut next = frame;
                     for n in 1..=MAX_BATCH {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
-                        let bytes = filter.engine_packet(protocol, frame);
-                        if client_tx.write_all(&bytes).await.is_err() {
-                            return End::ClientClosed;
+                        match self.delivery(protocol, frame, &mut filter) {
+                            Delivery::ToClient(bytes) => {
+                                if client_tx.write_all(&bytes).await.is_err() {
+                                    return End::ClientClosed;
+                                }
+                            }
+                            Delivery::Withheld(Some(ack)) => {
+                                if engine_tx.write_all(&ack).await.is_err() {
+                                    return End::EngineClosed;
+                                }
+                            }
+                            Delivery::Withheld(None) => {}
                         }
                         if n == MAX_BATCH {
                             break;
@@ -353,6 +377,9 @@ impl Session {
                     }
                     if client_tx.flush().await.is_err() {
                         return End::ClientClosed;
+                    }
+                    if engine_tx.flush().await.is_err() {
+                        return End::EngineClosed;
                     }
                 }
                 _ = sleep_until(deadline) => return End::KeepAlive,
@@ -453,6 +480,43 @@ impl Session {
         Verdict::Forward(forwarded)
     }
 
+    /// What to do with a packet from the engine. A PUBLISH on a topic this device may not read
+    /// (possible only when the ACL has `deny` entries narrower than a granted subscription) is
+    /// withheld, and acknowledged to the engine on the device's behalf so that the session's
+    /// flow stays intact.
+    fn delivery(&self, protocol: Protocol, frame: Frame, filter: &mut Filter) -> Delivery {
+        let acl = &self.shared.acl;
+        match frame.packet_type() {
+            packet::PUBLISH if acl.has_deny() => {
+                let Ok(publish) = packet::parse_publish(&frame, protocol) else {
+                    return Delivery::ToClient(frame.raw);
+                };
+                let topic = filter.engine_topic(&publish);
+                if topic.is_none_or(|t| acl.can_read(&self.identity, t)) {
+                    return Delivery::ToClient(frame.raw);
+                }
+                counters().withheld.inc();
+                match (publish.qos, publish.packet_id) {
+                    (1, Some(id)) => Delivery::Withheld(Some(packet::ack(packet::PUBACK, id))),
+                    (2, Some(id)) => {
+                        filter.withheld_qos2.insert(id);
+                        Delivery::Withheld(Some(packet::ack(packet::PUBREC, id)))
+                    }
+                    _ => Delivery::Withheld(None),
+                }
+            }
+            packet::PUBREL if !filter.withheld_qos2.is_empty() => {
+                match packet::parse_pubrel(&frame) {
+                    Ok(id) if filter.withheld_qos2.remove(&id) => {
+                        Delivery::Withheld(Some(packet::ack(packet::PUBCOMP, id)))
+                    }
+                    _ => Delivery::ToClient(frame.raw),
+                }
+            }
+            _ => Delivery::ToClient(filter.engine_packet(protocol, frame)),
+        }
+    }
+
     fn log_denial(&mut self, action: &str, topic: &str) {
         self.denials += 1;
         if self.denials <= DENIALS_LOGGED {
@@ -505,6 +569,13 @@ fn keep_alive_limit(keep_alive: u16, max: std::time::Duration) -> std::time::Dur
     }
 }
 
+/// A packet from the engine: passed to the device, or withheld (with the acknowledgement
+/// the edge sends the engine in the device's place, if the QoS needs one).
+enum Delivery {
+    ToClient(Bytes),
+    Withheld(Option<Bytes>),
+}
+
 enum Verdict {
     /// Send these bytes to the engine.
     Forward(Bytes),
@@ -524,9 +595,27 @@ struct Filter {
     pending_subacks: HashMap<u16, Vec<bool>>,
     /// MQTT 5 topic aliases the client has set; bounded by the 16-bit alias space.
     topic_aliases: HashMap<u16, String>,
+    /// Topic aliases the engine has set towards the device.
+    engine_aliases: HashMap<u16, String>,
+    /// QoS 2 deliveries withheld from the device, waiting for the engine's PUBREL.
+    withheld_qos2: HashSet<u16>,
 }
 
 impl Filter {
+    /// The topic of a PUBLISH from the engine, resolving the aliases it set.
+    fn engine_topic<'a>(&'a mut self, publish: &'a packet::Publish) -> Option<&'a str> {
+        match publish.topic_alias {
+            Some(alias) if publish.topic.is_empty() => {
+                self.engine_aliases.get(&alias).map(String::as_str)
+            }
+            Some(alias) => {
+                self.engine_aliases.insert(alias, publish.topic.clone());
+                Some(&publish.topic)
+            }
+            None => Some(&publish.topic),
+        }
+    }
+
     fn engine_packet(&mut self, protocol: Protocol, frame: Frame) -> Bytes {
         if frame.packet_type() != packet::SUBACK || self.pending_subacks.is_empty() {
             return frame.raw;

@@ -575,11 +575,27 @@ pub fn connack_refused(protocol: Protocol, code: u8) -> Bytes {
     }
 }
 
+/// The MQTT 3.1.1 CONNACK "identifier rejected" (return code 2).
+pub fn connack_identifier_rejected() -> Bytes {
+    packet(CONNACK << 4, &[0, 2])
+}
+
 /// A PUBACK (QoS 1) or PUBREC (QoS 2) carrying an MQTT 5 reason code.
 pub fn publish_refused(qos: u8, packet_id: u16, code: u8) -> Bytes {
     let kind = if qos == 2 { PUBREC } else { PUBACK };
     let id = packet_id.to_be_bytes();
     packet(kind << 4, &[id[0], id[1], code])
+}
+
+/// A PUBACK, PUBREC or PUBCOMP (`kind`) with success, valid in both protocol versions.
+pub fn ack(kind: u8, packet_id: u16) -> Bytes {
+    let id = packet_id.to_be_bytes();
+    packet(kind << 4, &[id[0], id[1]])
+}
+
+/// The packet id of a PUBREL.
+pub fn parse_pubrel(frame: &Frame) -> Result<u16, PacketError> {
+    get_u16(&mut frame.body())
 }
 
 /// A DISCONNECT; MQTT 3.1.1 has no server DISCONNECT, so there the edge only closes.
