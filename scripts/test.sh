@@ -9,8 +9,17 @@ cd "$(dirname "$0")/.."
 
 PG_VERSION=15
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
+# Each Debian package the tests need, with the file that shows it is there. Checking the file
+# rather than the package keeps a machine whose Node.js (and npm) came from elsewhere working.
 # chromium and npm: the dashboard's browser test (tests/api_browser.rs).
-PACKAGES=(mosquitto mosquitto-clients "postgresql-$PG_VERSION" openssl chromium npm)
+NEEDS=(
+    "mosquitto:/usr/sbin/mosquitto"
+    "mosquitto-clients:/usr/bin/mosquitto_pub"
+    "postgresql-$PG_VERSION:$PG_BIN/initdb"
+    "openssl:/usr/bin/openssl"
+    "chromium:/usr/bin/chromium"
+    "npm:npm"
+)
 
 log() { printf '\n==> %s\n' "$*"; }
 
@@ -20,9 +29,8 @@ as_root() {
 
 install_packages() {
     local missing=()
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
-            missing+=("$p")
+    for need in "${NEEDS[@]}"; do
+        command -v "${need#*:}" >/dev/null 2>&1 || missing+=("${need%%:*}")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing ${missing[*]}"
