@@ -332,7 +332,7 @@ impl Mosquitto {
             &config,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\n",
+                 persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 10000\n",
                 store.display()
             ),
         )

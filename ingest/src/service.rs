@@ -126,6 +126,11 @@ pub struct IngestHandle {
 }
 
 impl IngestHandle {
+    /// Messages committed (or spooled) and acknowledged to the broker so far.
+    pub fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::SeqCst)
+    }
+
     /// Messages received but not yet committed and acknowledged.
     pub fn in_flight(&self) -> u64 {
         let received = self.received.load(Ordering::SeqCst);
@@ -202,7 +207,12 @@ async fn run(
             None => f,
         })
         .collect();
-    let (tx, rx) = mpsc::channel(settings.batch_size * 4);
+    // Unbounded on purpose: the poll task must never stop driving the event loop, because
+    // the batcher's acknowledgements go out through that same loop; a bounded channel
+    // deadlocks (poll waits for the batcher, the batcher waits for poll to take its acks).
+    // Memory stays bounded by the broker, which sends a session no more unacknowledged QoS 1
+    // messages than its in-flight window.
+    let (tx, rx) = mpsc::unbounded_channel();
     health.set(HEALTH, Status::Starting, "connecting to the broker");
     let received = handle.received.clone();
     let spooling = Arc::new(AtomicBool::new(false));
@@ -236,7 +246,7 @@ async fn poll(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    tx: mpsc::Sender<(Publish, DateTime<Utc>)>,
+    tx: mpsc::UnboundedSender<(Publish, DateTime<Utc>)>,
     health: Health,
     received: Arc<AtomicU64>,
     spooling: Arc<AtomicBool>,
@@ -245,7 +255,7 @@ async fn poll(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 received.fetch_add(1, Ordering::SeqCst);
-                if tx.send((publish, Utc::now())).await.is_err() {
+                if tx.send((publish, Utc::now())).is_err() {
                     return;
                 }
             }
@@ -317,7 +327,7 @@ struct Batch {
 }
 
 impl Batcher {
-    async fn run(&mut self, mut rx: mpsc::Receiver<(Publish, DateTime<Utc>)>) {
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<(Publish, DateTime<Utc>)>) {
         let mut last_drain = Instant::now();
         loop {
             let mut batch = Batch::default();
