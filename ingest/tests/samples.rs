@@ -1,6 +1,7 @@
-//! Decodes every real message in `shared/samples/`, byte for byte as captured and on the
-//! topic `MESSAGES.tsv` gives it, with the reference `mappings.toml`, and checks each reading
-//! a person would expect from it.
+//! Decodes every real message in `tests/samples/` (device ecosystems' own messages, kept
+//! byte for byte as captured; `SOURCES.md` says where each comes from), on the topic
+//! `MESSAGES.tsv` gives it, with the reference `mappings.toml`, and checks each reading a
+//! person would expect from it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use telemon_ingest::decode::{DecodeConfig, Decoded, Decoder, Message, RejectReas
 use telemon_model::Value;
 
 fn samples_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/samples")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/samples")
 }
 
 fn decoder() -> Decoder {
