@@ -16,6 +16,20 @@ use anyhow::Context;
 use rand::RngCore;
 use telemon_store::Store;
 
+/// Creates the data directory readable by its owner only: it holds patient data, password
+/// hashes and keys. An existing directory is tightened the same way.
+pub fn create(data_dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {} to its owner", data_dir.display()))?;
+    }
+    Ok(())
+}
+
 pub fn certs(data_dir: &Path) -> PathBuf {
     data_dir.join("certs")
 }
@@ -69,8 +83,7 @@ pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::
     let url = match database_url {
         Some(url) => url.to_string(),
         None => {
-            fs::create_dir_all(data_dir)
-                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+            create(data_dir)?;
             format!("sqlite:{}", data_dir.join("telemon.db").display())
         }
     };

@@ -86,8 +86,7 @@ pub async fn run(
     args.server_name.extend(config.broker.server_names);
     let identity = args.identity.or(config.broker.identity).unwrap_or_default();
 
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    data_dir::create(data_dir)?;
     let health = Health::default();
     for part in ["broker", "ingest", "alerts", "api-live"] {
         health.set(part, Status::Starting, "");

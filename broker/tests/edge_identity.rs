@@ -176,3 +176,24 @@ async fn a_second_connection_with_the_same_identity_takes_the_session_over() {
         ("devices/bed-1/t", &b"2"[..])
     );
 }
+
+/// Regression: a device whose certificate carried the client id of one of telemon's own
+/// services (`telemon-ingest`) took over that service's engine session, and received the
+/// readings meant for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_named_like_a_service_cannot_take_its_session() {
+    let broker = Broker::start().await;
+    let mut service = broker.observer_named("telemon-ingest", "devices/#").await;
+    let impostor = broker.device("telemon-ingest");
+    let (_client, mut events) = connected(broker.options(&impostor, "telemon-ingest")).await;
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    let device = broker.device("bed-1");
+    let (ok, err) = pub_as(&broker, Some(&device), "devices/bed-1/t");
+    assert!(ok, "mosquitto_pub: {err}");
+    let (topic, _) = service
+        .next_publish(PROMPT)
+        .await
+        .expect("the service lost its session to a device");
+    assert_eq!(topic, "devices/bed-1/t");
+}

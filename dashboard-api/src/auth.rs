@@ -230,8 +230,15 @@ pub struct LoginLimiter {
 impl LoginLimiter {
     /// Seconds to wait when either the name or the address is over its budget.
     pub fn blocked(&self, user: &str, addr: Option<IpAddr>) -> Option<u64> {
+        Self::over_budget(&self.failures.lock(), user, addr)
+    }
+
+    fn over_budget(
+        failures: &HashMap<String, (Instant, u32)>,
+        user: &str,
+        addr: Option<IpAddr>,
+    ) -> Option<u64> {
         let now = Instant::now();
-        let failures = self.failures.lock();
         let over = |key: String, max: u32| {
             failures.get(&key).and_then(|(start, n)| {
                 let elapsed = now.duration_since(*start);
@@ -243,9 +250,24 @@ impl LoginLimiter {
         by_user.max(by_addr)
     }
 
-    pub fn failed(&self, user: &str, addr: Option<IpAddr>) {
-        let now = Instant::now();
+    /// Takes one login attempt from the budgets of the name and the address, or says how
+    /// long to wait when either is spent. Checked and counted under one lock: concurrent
+    /// attempts cannot all slip past the check. A success then clears the name's count.
+    pub fn attempt(&self, user: &str, addr: Option<IpAddr>) -> Option<u64> {
         let mut failures = self.failures.lock();
+        if let Some(wait) = Self::over_budget(&failures, user, addr) {
+            return Some(wait);
+        }
+        Self::count(&mut failures, user, addr);
+        None
+    }
+
+    pub fn failed(&self, user: &str, addr: Option<IpAddr>) {
+        Self::count(&mut self.failures.lock(), user, addr);
+    }
+
+    fn count(failures: &mut HashMap<String, (Instant, u32)>, user: &str, addr: Option<IpAddr>) {
+        let now = Instant::now();
         if failures.len() >= MAX_KEYS {
             failures.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
         }

@@ -273,8 +273,12 @@ impl Session {
         let engine = &self.shared.engine;
         let mut upstream = TcpStream::connect(engine.addr(connect.protocol)).await?;
         upstream.set_nodelay(true)?;
-        let rewritten =
-            packet::encode_connect(connect, &self.identity, ENGINE_USER, engine.secret());
+        let rewritten = packet::encode_connect(
+            connect,
+            &engine_client_id(&self.identity),
+            ENGINE_USER,
+            engine.secret(),
+        );
         upstream.write_all(&rewritten).await?;
         Ok(upstream)
     }
@@ -556,6 +560,15 @@ impl Session {
         let _ = client_tx.flush().await;
         let _ = client_tx.shutdown().await;
     }
+}
+
+/// Prefix of every device's client id inside the engine. telemon's own services are clients
+/// of the same engine with fixed ids (`telemon-ingest`, ...); without a namespace, a device
+/// whose certificate carried such a name would take over that service's session.
+pub(crate) const DEVICE_CLIENT_PREFIX: &str = "dev:";
+
+fn engine_client_id(identity: &str) -> String {
+    format!("{DEVICE_CLIENT_PREFIX}{identity}")
 }
 
 /// How long a client may stay silent: 1.5 times its keepalive (MQTT §3.1.2.10), with no

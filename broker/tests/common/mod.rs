@@ -187,7 +187,12 @@ impl Broker {
     /// devices publish after the edge let it through, and can publish commands to them.
     pub async fn observer(&self, filter: &str) -> Observer {
         let id = format!("observer-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        let options = self.engine.bus().mqtt_options(&id).unwrap();
+        self.observer_named(&id, filter).await
+    }
+
+    /// An engine client with a chosen client id, as telemon's services have fixed ones.
+    pub async fn observer_named(&self, id: &str, filter: &str) -> Observer {
+        let options = self.engine.bus().mqtt_options(id).unwrap();
         let (client, mut events) = AsyncClient::new(options, 100);
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
         wait_for(&mut events, |e| matches!(e, Incoming::SubAck(_))).await;

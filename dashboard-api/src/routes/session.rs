@@ -54,7 +54,9 @@ pub async fn login(
     }
     let limiter = state.auth.limiter();
     let addr = Some(peer.ip());
-    if let Some(retry_after_secs) = limiter.blocked(&request.user, addr) {
+    // The attempt is counted before the password is checked, so concurrent guesses cannot
+    // all pass the budget check while the (slow) verification runs.
+    if let Some(retry_after_secs) = limiter.attempt(&request.user, addr) {
         return Err(HttpError::TooManyRequests { retry_after_secs });
     }
 
@@ -63,7 +65,6 @@ pub async fn login(
         .verify_password(&state.store, &request.user, &request.password)
         .await?;
     let Some(user) = verified else {
-        limiter.failed(&request.user, addr);
         return Err(HttpError::Unauthorized);
     };
     let role = Role::parse(&user.role).ok_or(HttpError::Unauthorized)?;
