@@ -98,6 +98,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo test"
 shift_args=()
 if [ "${1:-}" = "--" ]; then shift; shift_args=("$@"); fi
-cargo test --workspace --locked -- "${shift_args[@]}"
+cargo test --workspace --locked --no-fail-fast -- "${shift_args[@]}"
 
 log "all checks passed"
