@@ -1,10 +1,12 @@
 //! `telemon`: the telemetry broker and remote-monitoring service.
 //!
-//! One binary runs any service alone (`broker`, `ingest`, `alerts`, `api`, `simulate`) or all
-//! of them in one process (`up`). This crate is only the command line and the wiring; the
-//! services live in the workspace crates.
+//! One binary runs every service in one process (`up`), or ingest and the simulators alone
+//! against any broker (`ingest`, `simulate`), plus the tools around them (`certs`, `migrate`,
+//! `bench`). This crate is only the command line and the wiring; the services live in the
+//! workspace crates.
 
 mod bench;
+mod bootstrap;
 mod certs;
 mod config;
 mod data_dir;
@@ -95,9 +97,12 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,rumqttd=off,rumqttc=warn,sqlx=warn,tower_http=warn")
     });
+    // Colours only on a terminal: a log written to a file stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(ansi)
         .init();
 }
 

@@ -31,8 +31,8 @@ pub struct SimulateArgs {
     ca: Option<PathBuf>,
 }
 
-/// Every fifth monitor slowly deteriorates over 15 minutes, so that a demo shows NEWS2 and
-/// threshold alerts; the others are stable patients.
+/// Every fifth monitor slowly deteriorates over 5 minutes, so that a demo shows NEWS2 and
+/// threshold alerts within minutes; the others are stable patients.
 pub fn default_fleet(count: usize) -> Vec<DeviceSpec> {
     telemon_simulators::fleet::vital_monitor_ids(count)
         .into_iter()
@@ -40,7 +40,7 @@ pub fn default_fleet(count: usize) -> Vec<DeviceSpec> {
         .map(|(i, id)| {
             let scenario = if i % 5 == 4 {
                 Scenario::SlowDeterioration {
-                    over: Duration::from_secs(15 * 60),
+                    over: Duration::from_secs(5 * 60),
                 }
             } else {
                 Scenario::Stable

@@ -20,7 +20,7 @@ use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::{data_dir, simulate};
+use crate::{bootstrap, data_dir, simulate};
 
 const DEFAULT_RULES: &str = include_str!("default-rules.toml");
 
@@ -129,7 +129,7 @@ pub async fn run(
     .context("starting ingest")?;
 
     let rules = load_rules(args.rules.as_deref())?;
-    telemon_alerts::service::start(
+    let alerts = telemon_alerts::service::start(
         engine.bus(),
         AlertsSettings {
             webhooks: config.alerts.webhooks,
@@ -157,12 +157,15 @@ pub async fn run(
 
     tokio::spawn(refresh_crl(pki));
     wait_until_live(&health).await;
+    bootstrap::ensure_admin_user(&store, data_dir).await?;
     let fleet = match args.simulate {
         0 => None,
         n => {
             let port = edge.local_addr().port();
             let ca = data_dir::certs(data_dir).join("ca.crt");
             let devices = simulate::default_fleet(n);
+            let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+            bootstrap::register_simulated_patients(&store, &ids).await?;
             Some(simulate::start(data_dir, "localhost", port, &ca, devices).await?)
         }
     };
@@ -172,6 +175,8 @@ pub async fn run(
         .await
         .context("waiting for Ctrl-C")?;
     info!("stopping: disconnecting devices, then storing what they sent");
+    // Alerts stop first: devices going offline because telemon stops are not alarms.
+    alerts.stop().await;
     if let Some(fleet) = fleet {
         fleet.shutdown().await;
     }
@@ -270,7 +275,7 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
     let devices = devices.display();
     println!(
         "\ntelemon is up.\n\
-         \n  API and dashboard  http://{http}/\
+         \n  API and dashboard  http://{http}/  (log in as admin, password in {password})\
          \n  admin token        {token}  (Authorization: Bearer $(cat {token}))\
          \n  MQTT (mutual TLS)  {host}:{port}\
          \n\nPublish as a new device:\
@@ -282,6 +287,7 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
          \n  curl -H \"Authorization: Bearer $(cat {token})\" http://{http}/api/v1/devices/bed-7/readings\
          \n\nCtrl-C stops.\n",
         token = token_path.display(),
+        password = bootstrap::admin_password_path(data_dir).display(),
         port = mqtt.port(),
         ca = certs.join("ca.crt").display(),
     );

@@ -411,6 +411,15 @@ impl AlertsHandle {
     /// win over a file rule of the same id. Alerts of rules removed or disabled resolve; the
     /// others carry on under the new limits from the next reading. Nothing changes when
     /// validation or saving fails.
+    /// Stops evaluation, for a clean shutdown: devices disconnected by the shutdown itself
+    /// must not raise "device offline" alerts. Transitions already emitted are still stored.
+    pub async fn stop(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.inputs.send(Input::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+
     pub async fn set_rules(&self, rules: Vec<Rule>) -> Result<(), SetRulesError> {
         validate_rules(&rules)?;
         let _one_at_a_time = self.changing.lock().await;
@@ -461,6 +470,8 @@ enum Input {
     /// The rules made through the API, as now stored.
     ApiRules(Vec<Rule>),
     Directory(Directory),
+    /// Stop evaluating; acknowledged once no further transition can be emitted.
+    Stop(oneshot::Sender<()>),
 }
 
 /// The engine task: the only owner of the engine.
@@ -479,6 +490,10 @@ impl Evaluator {
         loop {
             tokio::select! {
                 input = inputs.recv() => match input {
+                    Some(Input::Stop(done)) => {
+                        let _ = done.send(());
+                        return;
+                    }
                     Some(input) => self.handle(input).await,
                     None => return,
                 },
@@ -512,6 +527,11 @@ impl Evaluator {
             },
             Input::Rules(reply) => {
                 let _ = reply.send(self.engine.rules().to_vec());
+                Vec::new()
+            }
+            // Taken by `run` before it gets here; answered anyway so a caller never hangs.
+            Input::Stop(done) => {
+                let _ = done.send(());
                 Vec::new()
             }
             Input::Directory(directory) => {

@@ -11,6 +11,8 @@ use tracing::error;
 pub enum HttpError {
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    #[error("invalid user name or password")]
+    LoginFailed,
     #[error("not permitted")]
     Forbidden,
     #[error("too many failed logins, try again later")]
@@ -32,7 +34,7 @@ pub enum HttpError {
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = match &self {
-            HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HttpError::Unauthorized | HttpError::LoginFailed => StatusCode::UNAUTHORIZED,
             HttpError::Forbidden => StatusCode::FORBIDDEN,
             HttpError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -113,13 +113,30 @@ impl Live {
         &self,
         last_id: Option<u64>,
     ) -> (Vec<Arc<LiveEvent>>, broadcast::Receiver<Arc<LiveEvent>>) {
+        let (missed, _, rx) = self.resume(last_id);
+        (missed, rx)
+    }
+
+    /// Like [`Live::subscribe`], and also how many events after `last_id` are no longer kept
+    /// (the client was away longer than the history covers), so the stream can say so.
+    pub fn resume(
+        &self,
+        last_id: Option<u64>,
+    ) -> (
+        Vec<Arc<LiveEvent>>,
+        u64,
+        broadcast::Receiver<Arc<LiveEvent>>,
+    ) {
         let history = self.0.history.lock();
         let rx = self.0.tx.subscribe();
-        let missed = match last_id {
-            Some(last) => history.iter().filter(|e| e.id > last).cloned().collect(),
-            None => Vec::new(),
+        let Some(last) = last_id else {
+            return (Vec::new(), 0, rx);
         };
-        (missed, rx)
+        let missed: Vec<_> = history.iter().filter(|e| e.id > last).cloned().collect();
+        let next = self.0.next_id.load(Ordering::Relaxed);
+        let first_kept = history.front().map_or(next, |e| e.id);
+        let lost = first_kept.saturating_sub(last + 1);
+        (missed, lost, rx)
     }
 
     /// Asks the alerts service, over the broker, to acknowledge an alert.
@@ -234,8 +251,11 @@ mod tests {
         for v in 0..(HISTORY + 10) {
             live.publish(reading(v as f64));
         }
-        let (missed, _rx) = live.subscribe(Some(0));
+        let (missed, lost, _rx) = live.resume(Some(0));
         assert_eq!(missed.len(), HISTORY);
+        assert_eq!(lost, 10, "events 1-10 are no longer kept");
+        let (_, lost, _rx) = live.resume(Some(20));
+        assert_eq!(lost, 0);
         assert_eq!(missed[0].id, 11);
     }
 }

@@ -65,9 +65,9 @@ pub async fn login(
         .verify_password(&state.store, &request.user, &request.password)
         .await?;
     let Some(user) = verified else {
-        return Err(HttpError::Unauthorized);
+        return Err(HttpError::LoginFailed);
     };
-    let role = Role::parse(&user.role).ok_or(HttpError::Unauthorized)?;
+    let role = Role::parse(&user.role).ok_or(HttpError::LoginFailed)?;
     limiter.succeeded(&request.user);
 
     let token = auth::new_token(auth::SESSION_PREFIX);

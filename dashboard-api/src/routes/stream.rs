@@ -181,12 +181,17 @@ pub async fn sse(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let (missed, rx) = state.live.subscribe(last_id);
+    let (missed, lost, rx) = state.live.resume(last_id);
 
+    // Events older than the kept history cannot be replayed: say how many, as for a client
+    // that fell behind, rather than resume with a silent gap.
+    let gap = (lost > 0).then(|| Ok(Event::default().event("lagged").data(lost.to_string())));
     let replay_filter = filter.clone();
-    let replay = stream::iter(missed)
-        .filter(move |e| std::future::ready(replay_filter.wants(e)))
-        .map(|e| Ok(to_sse(&e)));
+    let replay = stream::iter(gap).chain(
+        stream::iter(missed)
+            .filter(move |e| std::future::ready(replay_filter.wants(e)))
+            .map(|e| Ok(to_sse(&e))),
+    );
     let live = BroadcastStream::new(rx).filter_map(move |item| {
         let out = match item {
             Ok(event) if filter.wants(&event) => Some(Ok(to_sse(&event))),
