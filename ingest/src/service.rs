@@ -42,7 +42,7 @@ pub struct IngestSettings {
     pub client_id: String,
     /// Shared-subscription group, for several ingest workers behind one broker.
     pub shared_group: Option<String>,
-    /// Readings per database transaction: large enough to amortize the round trip.
+    /// Messages per database transaction: large enough to amortize the round trip.
     pub batch_size: usize,
     /// Longest a message waits for its batch to fill: bounds the latency added to storage.
     pub batch_delay: Duration,
@@ -327,28 +327,36 @@ struct Batch {
 }
 
 impl Batcher {
+    /// Collects a batch, then commits it while the next one is collected: the database
+    /// round trip overlaps receiving, instead of the two taking turns. Batches are still
+    /// committed and acknowledged one after another, in the order they arrived.
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<(Publish, DateTime<Utc>)>) {
         let mut last_drain = Instant::now();
+        let (size, delay) = (self.settings.batch_size, self.settings.batch_delay);
+        let (mut carried, mut closed) = collect(&mut rx, size, delay).await;
         loop {
             let mut batch = Batch::default();
-            let first = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
-            match first {
-                Ok(Some((publish, at))) => self.add(&mut batch, publish, at),
-                Ok(None) => return,
-                Err(_) => {}
+            for (publish, at) in carried.drain(..) {
+                self.add(&mut batch, publish, at);
             }
-            let deadline = tokio::time::Instant::now() + self.settings.batch_delay;
-            while !batch.publishes.is_empty()
-                && batch.contents.readings.len() < self.settings.batch_size
-            {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some((publish, at))) => self.add(&mut batch, publish, at),
-                    Ok(None) | Err(_) => break,
+            // Whatever arrived during the last commit joins this batch, up to its size.
+            while batch.publishes.len() < size {
+                match rx.try_recv() {
+                    Ok((publish, at)) => self.add(&mut batch, publish, at),
+                    Err(_) => break,
                 }
             }
-            if !batch.publishes.is_empty() {
-                self.commit(batch).await;
+
+            if batch.publishes.is_empty() {
+                if closed {
+                    return;
+                }
+                (carried, closed) = collect(&mut rx, size, delay).await;
+            } else {
+                let next = collect(&mut rx, size, delay);
+                ((), (carried, closed)) = tokio::join!(self.commit(batch), next);
             }
+
             if last_drain.elapsed() >= Duration::from_secs(1) {
                 last_drain = Instant::now();
                 self.drain_spool().await;
@@ -507,6 +515,30 @@ impl Batcher {
             }
         }
     }
+}
+
+/// Up to `size` messages: waits up to a second for the first (so that the caller gets to
+/// its periodic work), then up to `delay` for the rest. Also says whether the channel closed.
+async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<(Publish, DateTime<Utc>)>,
+    size: usize,
+    delay: Duration,
+) -> (Vec<(Publish, DateTime<Utc>)>, bool) {
+    let mut out = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        Ok(Some(message)) => out.push(message),
+        Ok(None) => return (out, true),
+        Err(_) => return (out, false),
+    }
+    let deadline = tokio::time::Instant::now() + delay;
+    while out.len() < size {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(message)) => out.push(message),
+            Ok(None) => return (out, true),
+            Err(_) => break,
+        }
+    }
+    (out, false)
 }
 
 fn dead_letter(message: &Message<'_>, rejection: Rejection) -> DeadLetter {
