@@ -77,14 +77,14 @@ impl Postgres {
         Ok(())
     }
 
-    /// Applies the base schema, then the TimescaleDB steps when the server can load the
-    /// extension. Both sets are versioned in the same `_sqlx_migrations` table (TimescaleDB
-    /// steps number from 1001), and each migrator ignores the other's versions.
     /// The pool, for the access-control queries in `access.rs`.
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Applies the base schema, then the TimescaleDB steps when the server can load the
+    /// extension. Both sets are versioned in the same `_sqlx_migrations` table (TimescaleDB
+    /// steps number from 1001), and each migrator ignores the other's versions.
     pub async fn migrate(&self) -> Result<()> {
         let mut base = sqlx::migrate!("./migrations/postgres");
         base.set_ignore_missing(true);
