@@ -8,6 +8,11 @@
 //! `devices/{id}/commands/#`; `devices/{id}/commands/scenario` with a scenario such as
 //! `SlowDeterioration(10m)` changes a patient's course.
 //!
+//! A Zigbee2MQTT gateway connects the same way with its own certificate and client id, but
+//! speaks Zigbee2MQTT: its birth and will are `online`/`offline` on
+//! `zigbee2mqtt/bridge/state`, each child's readings go to `zigbee2mqtt/<friendly name>`
+//! (see [`crate::zigbee`]), and it listens on `zigbee2mqtt/+/set`.
+//!
 //! Readings are taken on schedule whether or not the broker is reachable; the ones taken
 //! while offline wait in a bounded per-device buffer and are published, with the time they
 //! were taken, once the device is back.
@@ -31,6 +36,7 @@ use tracing::debug;
 
 use crate::home::{HomeKind, HomeSensor};
 use crate::physiology::{Artefacts, Patient, Scenario};
+use crate::zigbee::ZigbeeChild;
 
 use device::{Device, Model, Settings};
 
@@ -57,6 +63,16 @@ pub enum SimError {
     UnknownEventDevice(String),
     #[error("the fleet has no devices")]
     NoDevices,
+    #[error("gateway {gateway}: child {child:?} {reason}")]
+    InvalidChild {
+        gateway: String,
+        child: String,
+        reason: &'static str,
+    },
+    #[error("gateway {0} has no children")]
+    EmptyGateway(String),
+    #[error("gateway {0}: a fleet has one Zigbee2MQTT gateway (they share the bridge topics)")]
+    SecondGateway(String),
 }
 
 /// What a simulated device is.
@@ -66,6 +82,9 @@ pub enum DeviceKind {
     Vitals { scenario: Scenario },
     /// A smart-home sensor.
     Home { sensor: HomeKind },
+    /// A Zigbee2MQTT gateway publishing for its children, given as (friendly name, sensor).
+    /// The friendly name is the device id telemon files the child's readings under.
+    Gateway { children: Vec<(String, HomeKind)> },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -156,6 +175,7 @@ impl FleetConfig {
                 return Err(SimError::DuplicateDevice(spec.id.clone()));
             }
         }
+        self.validate_gateways()?;
         for event in &self.events {
             let is_monitor = self
                 .devices
@@ -163,6 +183,46 @@ impl FleetConfig {
                 .any(|d| d.id == event.device && matches!(d.kind, DeviceKind::Vitals { .. }));
             if !is_monitor {
                 return Err(SimError::UnknownEventDevice(event.device.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_gateways(&self) -> Result<(), SimError> {
+        let mut gateways = self.devices.iter().filter_map(|d| match &d.kind {
+            DeviceKind::Gateway { children } => Some((&d.id, children)),
+            _ => None,
+        });
+        let Some((gateway, children)) = gateways.next() else {
+            return Ok(());
+        };
+        if let Some((second, _)) = gateways.next() {
+            return Err(SimError::SecondGateway(second.clone()));
+        }
+        if children.is_empty() {
+            return Err(SimError::EmptyGateway(gateway.clone()));
+        }
+
+        let mut names = HashSet::new();
+        for (name, _) in children {
+            let reason = if DeviceId::new(name.as_str()).is_err() {
+                Some("is not a valid device id")
+            } else if name == "bridge" {
+                Some("is Zigbee2MQTT's own topic")
+            } else if !names.insert(name.as_str()) {
+                Some("appears twice")
+            } else if self.devices.iter().any(|d| &d.id == name) {
+                // Its readings would be filed under the same device id as that device's.
+                Some("is also a device of the fleet")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(SimError::InvalidChild {
+                    gateway: gateway.clone(),
+                    child: name.clone(),
+                    reason,
+                });
             }
         }
         Ok(())
@@ -321,13 +381,19 @@ fn build_device(config: &FleetConfig, spec: &DeviceSpec) -> Device {
         Some(seed) => StdRng::seed_from_u64(seed ^ fnv1a(&spec.id)),
         None => StdRng::from_entropy(),
     };
-    let model = match spec.kind {
+    let model = match &spec.kind {
         DeviceKind::Vitals { scenario } => Model::Patient(Box::new(
             Patient::new(&mut rng)
                 .with_artefacts(config.artefacts)
-                .with_scenario(scenario),
+                .with_scenario(*scenario),
         )),
-        DeviceKind::Home { sensor } => Model::Home(HomeSensor::new(sensor, &mut rng)),
+        DeviceKind::Home { sensor } => Model::Home(HomeSensor::new(*sensor, &mut rng)),
+        DeviceKind::Gateway { children } => Model::Gateway(
+            children
+                .iter()
+                .map(|(name, kind)| ZigbeeChild::new(name, *kind, &mut rng))
+                .collect(),
+        ),
     };
     let mut events: Vec<_> = config
         .events
@@ -412,6 +478,42 @@ mod tests {
         });
         let err = run_fleet(event).await.err();
         assert!(matches!(err, Some(SimError::UnknownEventDevice(d)) if d == "bed-02"));
+    }
+
+    #[tokio::test]
+    async fn gateways_are_checked_before_anything_starts() {
+        let gateway = |children: &[&str]| DeviceSpec {
+            id: "zigbee-gw".into(),
+            kind: DeviceKind::Gateway {
+                children: children
+                    .iter()
+                    .map(|c| (c.to_string(), HomeKind::Climate))
+                    .collect(),
+            },
+        };
+        let cases = [
+            (vec![gateway(&[])], "no children"),
+            (vec![gateway(&["kitchen", "kitchen"])], "twice"),
+            (vec![gateway(&["bridge"])], "own topic"),
+            (vec![gateway(&["a/b"])], "valid device id"),
+            (vec![gateway(&["a"]), gateway(&["b"])], "twice"),
+            (vec![gateway(&["zigbee-gw"])], "also a device"),
+            (vec![gateway(&["kitchen"])], "missing"),
+        ];
+        for (devices, want) in cases {
+            let mut config = config(&[]);
+            config.devices = devices;
+            let err = run_fleet(config).await.err().map(|e| e.to_string());
+            assert!(err.as_deref().is_some_and(|e| e.contains(want)), "{err:?}");
+        }
+
+        let mut two = config(&[]);
+        let mut other = gateway(&["hall"]);
+        other.id = "zigbee-gw-2".into();
+        two.devices = vec![gateway(&["kitchen"]), other];
+        assert!(
+            matches!(run_fleet(two).await, Err(SimError::SecondGateway(id)) if id == "zigbee-gw-2")
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`physiology`]: the patient model behind a bedside vital-sign monitor, with noise,
 //!   artefacts and scripted scenarios (stable, deterioration, sudden events, recovery).
 //! - [`home`]: smart-home sensors (climate, door contact, power plug).
+//! - [`zigbee`]: a Zigbee2MQTT gateway's child devices and their payloads.
 //! - [`fleet`]: runs many devices against a broker and counts what they published.
 //! - [`scenario`]: the TOML file that describes a fleet and its timed events.
 //! - [`bench`]: the load generator: many connections flat out or at a rate, throughput and
@@ -20,6 +21,7 @@ pub mod fleet;
 pub mod home;
 pub mod physiology;
 pub mod scenario;
+pub mod zigbee;
 
 pub use fleet::{
     run_fleet, vital_monitor_ids, DeviceKind, DeviceSpec, FleetConfig, FleetHandle, FleetStats,

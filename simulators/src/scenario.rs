@@ -12,6 +12,10 @@
 //!
 //! [home_sensors]
 //! climate = 2
+//!
+//! [zigbee_gateway]
+//! id = "zigbee-gw"
+//! children = { kitchen = "climate", front_door = "contact" }
 //! ```
 //!
 //! Unknown keys are refused, so a misspelt key is an error rather than a silent default.
@@ -166,6 +170,8 @@ pub struct ScenarioFile {
     pub vital_monitors: Option<VitalMonitors>,
     #[serde(default)]
     pub home_sensors: Option<HomeSensors>,
+    #[serde(default)]
+    pub zigbee_gateway: Option<ZigbeeGateway>,
 }
 
 fn default_interval() -> TextDuration {
@@ -204,6 +210,15 @@ pub struct HomeSensors {
     pub contact: usize,
     #[serde(default)]
     pub power: usize,
+}
+
+/// A Zigbee2MQTT gateway and the sensors paired with it, by friendly name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZigbeeGateway {
+    /// The gateway's own device id: its certificate and MQTT client id.
+    pub id: String,
+    pub children: BTreeMap<String, HomeKind>,
 }
 
 impl ScenarioFile {
@@ -247,6 +262,18 @@ impl ScenarioFile {
                     kind: DeviceKind::Home { sensor },
                 });
             }
+        }
+
+        if let Some(gateway) = &self.zigbee_gateway {
+            let children = gateway
+                .children
+                .iter()
+                .map(|(name, kind)| (name.clone(), *kind))
+                .collect();
+            devices.push(DeviceSpec {
+                id: gateway.id.clone(),
+                kind: DeviceKind::Gateway { children },
+            });
         }
 
         self.check(&devices)?;
@@ -376,6 +403,11 @@ mod tests {
             .iter()
             .any(|d| matches!(d.kind, DeviceKind::Home { .. })));
         assert!(!file.events.is_empty());
+        let children = devices.iter().find_map(|d| match &d.kind {
+            DeviceKind::Gateway { children } => Some(children.len()),
+            _ => None,
+        });
+        assert!(children.is_some_and(|n| n >= 2), "{children:?}");
 
         let bed = |id: &str| devices.iter().find(|d| d.id == id).map(|d| d.kind.clone());
         assert!(matches!(
@@ -390,6 +422,28 @@ mod tests {
                 scenario: Scenario::Stable
             })
         ));
+    }
+
+    #[test]
+    fn a_gateway_lists_its_children_by_friendly_name() {
+        let text = "[zigbee_gateway]\nid = \"gw\"\nchildren = { kitchen = \"climate\", \
+                    door = \"contact\" }\n";
+        let devices = ScenarioFile::parse(text).and_then(|f| f.devices()).unwrap();
+        let want = DeviceKind::Gateway {
+            children: vec![
+                ("door".to_string(), HomeKind::Contact),
+                ("kitchen".to_string(), HomeKind::Climate),
+            ],
+        };
+        assert_eq!(
+            devices,
+            [DeviceSpec {
+                id: "gw".into(),
+                kind: want
+            }]
+        );
+        let bad = "[zigbee_gateway]\nid = \"gw\"\nchildren = { kitchen = \"toaster\" }\n";
+        assert!(ScenarioFile::parse(bad).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A simulated fleet against a real Mosquitto that requires client certificates issued by the
 //! project's CA: readings, the retained birth, and delivery of readings taken while the
-//! broker was down.
+//! broker was down; a Zigbee2MQTT gateway's child readings, decoded with telemon's
+//! reference mappings.
 //!
 //! Needs `mosquitto` (Debian package `mosquitto`); set `MOSQUITTO` to use another binary.
 //! The tests fail, rather than skip, when it is missing.
@@ -15,8 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use telemon_broker::pki::Pki;
+use telemon_ingest::decode::{DecodeConfig, Decoder, Message};
 use telemon_model::bus::{BusConfig, BusTls};
+use telemon_model::Value;
 use telemon_simulators::fleet::Backoff;
+use telemon_simulators::home::HomeKind;
 use telemon_simulators::physiology::{Artefacts, METRICS};
 use telemon_simulators::{run_fleet, vital_monitor_ids, DeviceKind, DeviceSpec, FleetConfig};
 use telemon_simulators::{FleetHandle, Scenario};
@@ -491,4 +495,89 @@ async fn readings_taken_while_the_broker_is_down_are_delivered_after_it_returns(
     assert!(stats.connects >= 6, "{stats:?}");
     assert_eq!(stats.dropped, 0, "{stats:?}");
     fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_publishes_its_children_as_zigbee2mqtt_and_telemon_decodes_them() {
+    let ids = ["zigbee-gw".to_string()];
+    let setup = setup("gateway", &ids);
+    let port = free_port();
+    let _mosquitto = Mosquitto::start(&setup.dir.0, &setup.pki, &setup.server, port);
+    let watcher = Watcher::start(&setup, port, "watcher-zigbee", &["zigbee2mqtt/#"]);
+    watcher.wait_subscribed(1).await;
+
+    let mut config = fleet_config(&setup, port, &[]);
+    config.devices = vec![DeviceSpec {
+        id: ids[0].clone(),
+        kind: DeviceKind::Gateway {
+            children: vec![
+                ("kitchen".into(), HomeKind::Climate),
+                ("front_door".into(), HomeKind::Contact),
+            ],
+        },
+    }];
+    let started = now_ms();
+    let fleet = run_fleet(config).await.expect("fleet starts");
+
+    let on = |w: &Watcher, topic: &str| {
+        w.received()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .collect::<Vec<_>>()
+    };
+    let enough = |w: &Watcher| {
+        ["zigbee2mqtt/kitchen", "zigbee2mqtt/front_door"]
+            .iter()
+            .all(|t| on(w, t).len() >= 5)
+    };
+    let arrived = wait_for(Duration::from_secs(15), || enough(&watcher)).await;
+    assert!(arrived, "child readings missing: {:?}", fleet.stats());
+    let births = on(&watcher, "zigbee2mqtt/bridge/state");
+    assert!(births.iter().any(|m| m.payload == b"online"), "{births:?}");
+    assert_eq!(fleet.stats().connected, 1, "one connection for the gateway");
+
+    let door = on(&watcher, "zigbee2mqtt/front_door");
+    let door: serde_json::Value = serde_json::from_slice(&door[0].payload).expect("JSON");
+    assert!(door["contact"].is_boolean(), "{door}");
+
+    // telemon's reference mappings file the kitchen's readings under its friendly name.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ingest/mappings.toml");
+    let text = std::fs::read_to_string(&path).expect("read ingest/mappings.toml");
+    let decoder = Decoder::from_config(DecodeConfig::from_toml(&text).expect("parse mappings"))
+        .expect("build the decoder");
+    let kitchen = on(&watcher, "zigbee2mqtt/kitchen");
+    let message = Message {
+        topic: &kitchen[0].topic,
+        payload: &kitchen[0].payload,
+        identity: Some("zigbee-gw"),
+        received_at: chrono::Utc::now(),
+    };
+    let decoded = decoder
+        .decode(&message)
+        .expect("telemon decodes the payload");
+    assert!(decoded.rejected.is_empty(), "{:?}", decoded.rejected);
+    let mut metrics: Vec<&str> = decoded.readings.iter().map(|r| r.metric.as_str()).collect();
+    metrics.sort();
+    let want = [
+        "battery",
+        "humidity",
+        "linkquality",
+        "temperature",
+        "voltage",
+    ];
+    assert_eq!(metrics, want);
+    for reading in &decoded.readings {
+        assert_eq!(reading.device_id.as_str(), "kitchen");
+        let ms = reading.time.timestamp_millis() as u64;
+        assert!(ms >= started && ms <= now_ms(), "{reading:?}");
+        assert!(matches!(reading.value, Value::Number(_)), "{reading:?}");
+    }
+
+    fleet.shutdown().await;
+    let offline = |w: &Watcher| {
+        on(w, "zigbee2mqtt/bridge/state")
+            .iter()
+            .any(|m| m.payload == b"offline")
+    };
+    assert!(wait_for(Duration::from_secs(5), || offline(&watcher)).await);
 }

@@ -18,6 +18,7 @@ use super::outbox::{Kind, Outbox};
 use super::{Backoff, Counters, TimedEvent};
 use crate::home::HomeSensor;
 use crate::physiology::{Patient, Scenario};
+use crate::zigbee::{ZigbeeChild, BRIDGE_STATE_TOPIC, SET_FILTER};
 use crate::Metrics;
 
 /// Most messages a device has handed to the client and not seen acknowledged: well under
@@ -46,29 +47,25 @@ pub(crate) struct Settings {
 pub(crate) enum Model {
     Patient(Box<Patient>),
     Home(HomeSensor),
+    /// A Zigbee2MQTT gateway publishing for its children.
+    Gateway(Vec<ZigbeeChild>),
 }
 
 impl Model {
-    fn step(&mut self, dt: Duration, rng: &mut StdRng) -> Metrics {
-        match self {
-            Model::Patient(patient) => patient.step(dt, rng),
-            Model::Home(sensor) => sensor.step(dt, rng),
-        }
-    }
-
     fn set_scenario(&mut self, scenario: Scenario) -> bool {
         match self {
             Model::Patient(patient) => {
                 patient.set_scenario(scenario);
                 true
             }
-            Model::Home(_) => false,
+            Model::Home(_) | Model::Gateway(_) => false,
         }
     }
 }
 
 pub(crate) struct Device {
     id: String,
+    /// The native telemetry topic; a gateway publishes on its children's topics instead.
     telemetry: String,
     status: String,
     commands: String,
@@ -80,10 +77,16 @@ pub(crate) struct Device {
 
 impl Device {
     pub fn new(id: String, model: Model, rng: StdRng, events: Vec<TimedEvent>) -> Device {
+        let (status, commands) = match model {
+            Model::Gateway(_) => (BRIDGE_STATE_TOPIC.to_string(), SET_FILTER.to_string()),
+            Model::Patient(_) | Model::Home(_) => {
+                (status_topic(&id), format!("devices/{id}/commands/#"))
+            }
+        };
         Device {
             telemetry: telemetry_topic(&id),
-            status: status_topic(&id),
-            commands: format!("devices/{id}/commands/#"),
+            status,
+            commands,
             id,
             model,
             rng,
@@ -102,6 +105,36 @@ impl Device {
         let span = tracing::debug_span!("device", id = %self.id);
         let connection = Connection::new(self, options, settings, counters, stop);
         connection.run().instrument(span).await;
+    }
+
+    /// Messages one sampling turn produces: one per child for a gateway, else one.
+    fn messages_per_turn(&self) -> usize {
+        match &self.model {
+            Model::Gateway(children) => children.len().max(1),
+            Model::Patient(_) | Model::Home(_) => 1,
+        }
+    }
+
+    /// Takes one turn of readings `dt` after the last, stamped `ts`, and hands each message
+    /// (topic, payload) to `emit`.
+    fn sample(&mut self, dt: Duration, ts: u64, mut emit: impl FnMut(&str, Vec<u8>)) {
+        let rng = &mut self.rng;
+        match &mut self.model {
+            Model::Patient(patient) => emit(
+                &self.telemetry,
+                telemetry_payload(ts, &patient.step(dt, rng)),
+            ),
+            Model::Home(sensor) => emit(
+                &self.telemetry,
+                telemetry_payload(ts, &sensor.step(dt, rng)),
+            ),
+            Model::Gateway(children) => {
+                for child in children {
+                    let payload = child.step(dt, ts, rng);
+                    emit(child.topic(), payload);
+                }
+            }
+        }
     }
 }
 
@@ -139,11 +172,14 @@ impl Connection {
             true,
         ));
         let (client, eventloop) = AsyncClient::new(options, CHANNEL_CAPACITY);
+        // The buffer is counted in sampling turns, so a gateway keeps as long a stretch of
+        // readings for each of its children as a single sensor keeps of its own.
+        let capacity = settings.buffer.saturating_mul(device.messages_per_turn());
         Connection {
             device,
             client,
             eventloop,
-            outbox: Outbox::new(settings.buffer, WINDOW),
+            outbox: Outbox::new(capacity, WINDOW),
             counters,
             stop,
             connected: false,
@@ -194,9 +230,10 @@ impl Connection {
                 let behind = now.duration_since(self.next_tick).as_nanos() / interval.as_nanos();
                 let skipped = u32::try_from(behind + 1).unwrap_or(u32::MAX);
                 self.next_tick += interval * skipped;
+                let per_turn = self.device.messages_per_turn() as u64;
                 self.counters
                     .dropped
-                    .fetch_add(u64::from(skipped), Ordering::Relaxed);
+                    .fetch_add(u64::from(skipped) * per_turn, Ordering::Relaxed);
                 break;
             }
             self.take_reading(self.next_tick);
@@ -209,15 +246,16 @@ impl Connection {
         let since_start = at.duration_since(self.settings.start);
         self.apply_events(since_start);
 
-        let metrics = self
-            .device
-            .model
-            .step(self.settings.interval, &mut self.device.rng);
         let ts = self.settings.start_wall_ms + since_start.as_millis() as u64;
-        let payload = telemetry_payload(ts, &metrics);
-        let dropped = self.outbox.push(&self.device.telemetry, payload);
+        let (mut taken, mut dropped) = (0, 0);
+        let outbox = &mut self.outbox;
+        self.device
+            .sample(self.settings.interval, ts, |topic, payload| {
+                dropped += outbox.push(topic, payload);
+                taken += 1;
+            });
 
-        self.counters.taken.fetch_add(1, Ordering::Relaxed);
+        self.counters.taken.fetch_add(taken, Ordering::Relaxed);
         if dropped > 0 {
             self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
             trace!(dropped, "offline buffer full, dropped the oldest readings");
