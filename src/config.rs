@@ -9,6 +9,7 @@ use serde::Deserialize;
 use telemon_alerts::notify::Webhook;
 use telemon_broker::edge::Limits;
 use telemon_broker::pki::IdentitySource;
+use telemon_ingest::decode::{DecodeConfig, Decoder};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +78,18 @@ impl Config {
             }
         }
     }
+}
+
+/// The ingest decoder: native topics only, or with the mappings of a mappings file.
+pub fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {
+    let Some(path) = mappings else {
+        return Ok(Decoder::native_only());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config =
+        DecodeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
+    Decoder::from_config(config).with_context(|| format!("in {}", path.display()))
 }
 
 #[cfg(test)]

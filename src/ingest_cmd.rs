@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use telemon_ingest::decode::{DecodeConfig, Decoder};
 use telemon_ingest::service::IngestSettings;
 use telemon_model::bus::{BusConfig, BusTls};
 use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
-use crate::data_dir;
+use crate::{config, data_dir};
 
 #[derive(clap::Args, Debug)]
 pub struct IngestArgs {
@@ -65,7 +64,7 @@ pub async fn run(
         });
     }
     let store = data_dir::open_store(data_dir, database_url).await?;
-    let decoder = Arc::new(load_decoder(args.mappings.as_deref())?);
+    let decoder = Arc::new(config::load_decoder(args.mappings.as_deref())?);
 
     let health = Health::default();
     let mut settings = IngestSettings::new(data_dir::spool(data_dir));
@@ -104,15 +103,4 @@ pub async fn run(
         warn!("stopped while degraded; spooled readings are written back on the next start");
     }
     Ok(())
-}
-
-fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {
-    let Some(path) = mappings else {
-        return Ok(Decoder::native_only());
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config =
-        DecodeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
-    Decoder::from_config(config).with_context(|| format!("in {}", path.display()))
 }

@@ -14,12 +14,11 @@ use telemon_broker::edge::{Edge, EdgeConfig, TlsFiles};
 use telemon_broker::engine::{Engine, EngineSettings};
 use telemon_broker::pki::{IdentitySource, Pki};
 use telemon_dashboard_api::{Api, Auth};
-use telemon_ingest::decode::{DecodeConfig, Decoder};
 use telemon_ingest::service::IngestSettings;
 use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::{bootstrap, data_dir, simulate};
 
 const DEFAULT_RULES: &str = include_str!("default-rules.toml");
@@ -98,7 +97,7 @@ pub async fn run(
         .context("issuing the broker certificate")?;
     let token = data_dir::admin_token(data_dir)?;
     let store = data_dir::open_store(data_dir, database_url).await?;
-    let decoder = Arc::new(load_decoder(args.mappings.as_deref())?);
+    let decoder = Arc::new(config::load_decoder(args.mappings.as_deref())?);
 
     let engine = Engine::start(&EngineSettings::default()).context("starting the MQTT engine")?;
     let edge_config = EdgeConfig {
@@ -222,17 +221,6 @@ fn load_rules(path: Option<&Path>) -> anyhow::Result<Vec<Rule>> {
     };
     let origin = path.map_or("the default rules".into(), |p| p.display().to_string());
     RuleFile::from_toml(&text).with_context(|| format!("in {origin}"))
-}
-
-fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {
-    let Some(path) = mappings else {
-        return Ok(Decoder::native_only());
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config =
-        DecodeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
-    Decoder::from_config(config).with_context(|| format!("in {}", path.display()))
 }
 
 /// Keeps the CRL's next-update in the future: verifiers that enforce it (OpenSSL, Mosquitto)
