@@ -109,6 +109,15 @@ fn counters() -> &'static Counters {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// True at most once per second, for rate-limited log lines about refused handshakes.
+fn log_refusal_now() -> bool {
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST_SECOND.swap(now, Ordering::Relaxed) != now
+}
+
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -122,7 +131,13 @@ pub(crate) async fn serve(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             counters().handshake_failed.inc();
-            debug!(%peer, cause = %e, "TLS handshake refused");
+            // Operators need to see refused devices (revoked, foreign CA, no certificate), but
+            // a flood of bad handshakes must not flood the log: one line a second at info.
+            if log_refusal_now() {
+                info!(%peer, cause = %e, "TLS handshake refused");
+            } else {
+                debug!(%peer, cause = %e, "TLS handshake refused");
+            }
             return;
         }
         Err(_) => {
