@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 use telemon_alerts::notify::Webhook;
+use telemon_alerts::rule::{Rule, RuleFile};
 use telemon_broker::edge::Limits;
 use telemon_broker::pki::IdentitySource;
 use telemon_ingest::decode::{DecodeConfig, Decoder};
+use telemon_model::bus::{BusConfig, BusTls};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +81,53 @@ impl Config {
         }
     }
 }
+
+/// How a service that runs alone reaches its broker (Mosquitto, EMQX, or telemon's own edge).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// The broker: mqtt://host:port, or mqtts://host:port with --broker-ca.
+    #[arg(long, env = "TELEMON_BROKER_URL")]
+    pub broker_url: String,
+
+    /// CA certificate of the broker (for mqtts://).
+    #[arg(long)]
+    pub broker_ca: Option<PathBuf>,
+
+    /// Client certificate, for brokers that require mutual TLS (with --broker-key).
+    #[arg(long, requires = "broker_key")]
+    pub broker_cert: Option<PathBuf>,
+
+    #[arg(long, requires = "broker_cert")]
+    pub broker_key: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    pub fn bus(&self) -> anyhow::Result<BusConfig> {
+        let mut bus = BusConfig::from_url(&self.broker_url)?;
+        if let Some(ca) = &self.broker_ca {
+            let client = self.broker_cert.clone().zip(self.broker_key.clone());
+            bus.tls = Some(BusTls {
+                ca: ca.clone(),
+                client,
+            });
+        }
+        Ok(bus)
+    }
+}
+
+/// The alert rules: a rules file, or the built-in defaults (`src/default-rules.toml`).
+pub fn load_rules(path: Option<&Path>) -> anyhow::Result<Vec<Rule>> {
+    let text = match path {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => DEFAULT_RULES.to_string(),
+    };
+    let origin = path.map_or("the default rules".into(), |p| p.display().to_string());
+    RuleFile::from_toml(&text).with_context(|| format!("in {origin}"))
+}
+
+const DEFAULT_RULES: &str = include_str!("default-rules.toml");
 
 /// The ingest decoder: native topics only, or with the mappings of a mappings file.
 pub fn load_decoder(mappings: Option<&Path>) -> anyhow::Result<Decoder> {

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use telemon_ingest::service::IngestSettings;
-use telemon_model::bus::{BusConfig, BusTls};
 use telemon_model::health::{Health, Status};
 use tracing::{info, warn};
 
@@ -16,20 +15,8 @@ use crate::{config, data_dir};
 
 #[derive(clap::Args, Debug)]
 pub struct IngestArgs {
-    /// The broker: mqtt://host:port, or mqtts://host:port with --broker-ca.
-    #[arg(long, env = "TELEMON_BROKER_URL")]
-    broker_url: String,
-
-    /// CA certificate of the broker (for mqtts://).
-    #[arg(long)]
-    broker_ca: Option<PathBuf>,
-
-    /// Client certificate, for brokers that require mutual TLS (with --broker-key).
-    #[arg(long, requires = "broker_key")]
-    broker_cert: Option<PathBuf>,
-
-    #[arg(long, requires = "broker_cert")]
-    broker_key: Option<PathBuf>,
+    #[command(flatten)]
+    broker: config::BrokerArgs,
 
     /// MQTT client id. The broker keeps this session's unacknowledged messages while the
     /// worker is away, so keep it stable across restarts and distinct between workers.
@@ -55,14 +42,7 @@ pub async fn run(
     database_url: Option<&str>,
     args: IngestArgs,
 ) -> anyhow::Result<()> {
-    let mut bus = BusConfig::from_url(&args.broker_url)?;
-    if let Some(ca) = &args.broker_ca {
-        let client = args.broker_cert.clone().zip(args.broker_key.clone());
-        bus.tls = Some(BusTls {
-            ca: ca.clone(),
-            client,
-        });
-    }
+    let bus = args.broker.bus()?;
     let store = data_dir::open_store(data_dir, database_url).await?;
     let decoder = Arc::new(config::load_decoder(args.mappings.as_deref())?);
 
@@ -81,7 +61,7 @@ pub async fn run(
         std::fs::write(path, r#"{"ready": true}"#)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    info!(broker = %args.broker_url, client_id = %args.client_id, "ingest running");
+    info!(broker = %args.broker.broker_url, client_id = %args.client_id, "ingest running");
 
     tokio::signal::ctrl_c()
         .await

@@ -1,7 +1,7 @@
 //! `telemon`: the telemetry broker and remote-monitoring service.
 //!
-//! One binary runs every service in one process (`up`), or ingest and the simulators alone
-//! against any broker (`ingest`, `simulate`), plus the tools around them (`certs`, `migrate`,
+//! One binary runs every service in one process (`up`), or one alone against any broker
+//! (`ingest`, `alerts`, `api`, `simulate`), plus the tools around them (`certs`, `migrate`,
 //! `bench`). This crate is only the command line and the wiring; the services live in the
 //! workspace crates.
 
@@ -11,6 +11,7 @@ mod certs;
 mod config;
 mod data_dir;
 mod ingest_cmd;
+mod services;
 mod simulate;
 mod up;
 
@@ -52,6 +53,10 @@ enum Command {
     Ingest(ingest_cmd::IngestArgs),
     /// Prepare the database: apply every pending migration.
     Migrate,
+    /// Run the alerts service alone, against any broker.
+    Alerts(services::AlertsArgs),
+    /// Run the HTTP API and dashboard alone, against any broker.
+    Api(services::ApiArgs),
     /// Run simulated vital-sign monitors against a broker (telemon's or any other).
     Simulate(simulate::SimulateArgs),
     /// Load generator: drive a broker and measure throughput and latency, or compare telemon
@@ -84,6 +89,12 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Migrate => migrate(&cli.data_dir, cli.database_url.as_deref()).await,
             Command::Simulate(args) => simulate::run(&cli.data_dir, args).await,
+            Command::Alerts(args) => {
+                services::alerts(&cli.data_dir, cli.database_url.as_deref(), args).await
+            }
+            Command::Api(args) => {
+                services::api(&cli.data_dir, cli.database_url.as_deref(), args).await
+            }
             Command::Bench(args) => bench::run(&cli.data_dir, args).await,
             Command::Certs { command } => certs::run(&cli.data_dir, command),
         }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use telemon_alerts::directory::Directory;
-use telemon_alerts::rule::{Rule, RuleFile};
 use telemon_alerts::service::AlertsSettings;
 use telemon_broker::edge::{Edge, EdgeConfig, TlsFiles};
 use telemon_broker::engine::{Engine, EngineSettings};
@@ -20,8 +19,6 @@ use tracing::{info, warn};
 
 use crate::config::{self, Config};
 use crate::{bootstrap, data_dir, simulate};
-
-const DEFAULT_RULES: &str = include_str!("default-rules.toml");
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -127,7 +124,7 @@ pub async fn run(
     .await
     .context("starting ingest")?;
 
-    let rules = load_rules(args.rules.as_deref())?;
+    let rules = config::load_rules(args.rules.as_deref())?;
     let alerts = telemon_alerts::service::start(
         engine.bus(),
         AlertsSettings {
@@ -209,18 +206,6 @@ async fn wait_until_live(health: &Health) {
         .map(|(name, _)| name)
         .collect();
     warn!(?waiting, "some services are not running yet");
-}
-
-/// The rules file, or the built-in defaults (`src/default-rules.toml`).
-fn load_rules(path: Option<&Path>) -> anyhow::Result<Vec<Rule>> {
-    let text = match path {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-        }
-        None => DEFAULT_RULES.to_string(),
-    };
-    let origin = path.map_or("the default rules".into(), |p| p.display().to_string());
-    RuleFile::from_toml(&text).with_context(|| format!("in {origin}"))
 }
 
 /// Keeps the CRL's next-update in the future: verifiers that enforce it (OpenSSL, Mosquitto)
