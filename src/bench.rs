@@ -145,7 +145,9 @@ pub async fn run(data_dir: &Path, args: BenchArgs) -> anyhow::Result<()> {
             // Dropping the comparison kills what it started, so Ctrl-C is handled by dropping.
             tokio::select! {
                 result = run_compare(compare) => result,
-                _ = tokio::signal::ctrl_c() => bail!("interrupted; the brokers started were killed"),
+                _ = tokio::signal::ctrl_c() => {
+                    bail!("interrupted; the brokers started were killed")
+                }
             }
         }
     }

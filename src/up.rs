@@ -257,7 +257,8 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
          \n    --cert {devices}/bed-7.crt --key {devices}/bed-7.key \\\
          \n    -t devices/bed-7/telemetry -q 1 -m '{{\"heart_rate\": 71, \"spo2\": 97}}'\
          \n\nRead it back:\
-         \n  curl -H \"Authorization: Bearer $(cat {token})\" http://{http}/api/v1/devices/bed-7/readings\
+         \n  curl -H \"Authorization: Bearer $(cat {token})\" \\\
+         \n    http://{http}/api/v1/devices/bed-7/readings\
          \n\nCtrl-C stops.\n",
         token = token_path.display(),
         password = bootstrap::admin_password_path(data_dir).display(),

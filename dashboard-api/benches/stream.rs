@@ -106,7 +106,8 @@ async fn open(port: u16, query: &str) -> tokio::net::TcpStream {
         .await
         .expect("connect");
     let request = format!(
-        "GET /api/v1/stream?{query} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        "GET /api/v1/stream?{query} HTTP/1.1\r\nHost: bench\r\n\
+         Authorization: Bearer {TOKEN}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("request");
     let mut head = [0u8; 512];
@@ -172,7 +173,8 @@ async fn clients() {
     let ms = |v: Option<&u64>| v.map(|us| *us as f64 / 1000.0).unwrap_or(f64::NAN);
     println!("stream fan-out: {count} SSE clients, {rate} readings/s for {seconds} s");
     println!(
-        "  measured client (10 devices, {} readings/s): {} events, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "  measured client (10 devices, {} readings/s): {} events, \
+         p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         rate / 10,
         sorted.len(),
         ms(pct(0.50)),
@@ -180,12 +182,14 @@ async fn clients() {
         ms(sorted.last())
     );
     println!(
-        "  all clients: {delivered} events delivered ({:.0}/s), {starved} of {} background clients got none",
+        "  all clients: {delivered} events delivered ({:.0}/s), \
+         {starved} of {} background clients got none",
         delivered as f64 / elapsed,
         count - 1
     );
     println!(
-        "  server RSS: {rss_before} KiB idle, {rss_held} KiB holding clients, {rss_loaded} KiB under load; {:.1} KiB per held client",
+        "  server RSS: {rss_before} KiB idle, {rss_held} KiB holding clients, \
+         {rss_loaded} KiB under load; {:.1} KiB per held client",
         (rss_held.saturating_sub(rss_before)) as f64 / count as f64
     );
 }

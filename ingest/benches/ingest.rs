@@ -1,9 +1,10 @@
 //! Ingest throughput: readings committed per second from MQTT publish to committed row,
 //! against raw COPY of the same rows into the same table, in the same run.
 //!
-//! A private Mosquitto (10,000 messages in flight per session) on a free port; the ingest service in this process
-//! at QoS 1 with a persistent session, writing to a fresh PostgreSQL database; a publisher
-//! sending one reading per message from 100 devices as fast as the broker acknowledges. The
+//! A private Mosquitto (10,000 messages in flight per session) on a free port; the ingest
+//! service in this process at QoS 1 with a persistent session, writing to a fresh PostgreSQL
+//! database; a publisher sending one reading per message from 100 devices as fast as the
+//! broker acknowledges. The
 //! clock runs from the first publish to the acknowledgement (after commit) of the last
 //! message. Then the same readings are COPYed straight into `readings` of a second fresh
 //! database.

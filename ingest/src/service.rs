@@ -435,7 +435,10 @@ impl Batcher {
                             break;
                         }
                         Err(e) => {
-                            error!(cause = %e, "spool write failed; holding the batch unacknowledged");
+                            error!(
+                                cause = %e,
+                                "spool write failed; holding the batch unacknowledged"
+                            );
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                         }

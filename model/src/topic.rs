@@ -9,7 +9,8 @@ pub const SENML_FILTER: &str = "devices/+/senml";
 pub const STATUS_FILTER: &str = "devices/+/status";
 /// Filter matching every alert transition.
 pub const ALERTS_FILTER: &str = "alerts/#";
-/// Where the API asks the alerts service to acknowledge an alert (JSON [`crate::alert::AckRequest`]).
+/// Where the API asks the alerts service to acknowledge an alert
+/// (JSON [`crate::alert::AckRequest`]).
 /// Only in-process services may publish here: the device ACL gives devices no `telemon/` topic.
 pub const ALERT_ACK_TOPIC: &str = "telemon/alerts/ack";
 

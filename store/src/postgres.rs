@@ -1,5 +1,6 @@
 //! PostgreSQL backend. Readings go in with one deduplicating UNNEST insert per batch (COPY
-//! through a staging table is the measured alternative, see `benches/write.rs`); when the server has the TimescaleDB extension, a separate
+//! through a staging table is the measured alternative, see `benches/write.rs`); when the
+//! server has the TimescaleDB extension, a separate
 //! migration set makes `readings` a hypertable with compression, retention and continuous
 //! aggregates, and history at 1-minute and 1-hour buckets reads the aggregates.
 
@@ -69,7 +70,8 @@ impl Postgres {
 
     async fn detect_aggregates(&self) -> Result<()> {
         let (present,): (bool,) = sqlx::query_as(
-            "SELECT to_regclass('readings_1m') IS NOT NULL AND to_regclass('readings_1h') IS NOT NULL",
+            "SELECT to_regclass('readings_1m') IS NOT NULL \
+             AND to_regclass('readings_1h') IS NOT NULL",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -275,7 +275,8 @@ pub async fn detach_device(
 
 /// Assigns a patient to a user (or to an integration token, by name).
 #[utoipa::path(put, path = "/api/v1/users/{name}/patients/{id}", tag = "admin",
-    params(("name" = String, Path, description = "user or token name", pattern = "^[A-Za-z0-9._@-]{1,128}$"),
+    params(("name" = String, Path, description = "user or token name",
+        pattern = "^[A-Za-z0-9._@-]{1,128}$"),
         ("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
     responses((status = 204, description = "assigned"), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
@@ -294,7 +295,8 @@ pub async fn assign(
 }
 
 #[utoipa::path(delete, path = "/api/v1/users/{name}/patients/{id}", tag = "admin",
-    params(("name" = String, Path, description = "user or token name", pattern = "^[A-Za-z0-9._@-]{1,128}$"),
+    params(("name" = String, Path, description = "user or token name",
+        pattern = "^[A-Za-z0-9._@-]{1,128}$"),
         ("id" = String, Path, description = "patient id", pattern = "^[A-Za-z0-9._@-]{1,128}$")),
     responses((status = 204, description = "unassigned"), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),

@@ -68,7 +68,10 @@ fn device_id(id: String) -> Result<DeviceId, HttpError> {
 
 /// Readings of one device, newest first, optionally bucketed.
 #[utoipa::path(get, path = "/api/v1/devices/{id}/readings", tag = "devices",
-    params(("id" = String, Path, description = "device id", pattern = "^[A-Za-z0-9._:-]{1,128}$"), ReadingParams),
+    params(
+        ("id" = String, Path, description = "device id", pattern = "^[A-Za-z0-9._:-]{1,128}$"),
+        ReadingParams
+    ),
     responses((status = 200, body = Vec<ReadingDoc>), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn readings(
