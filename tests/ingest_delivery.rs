@@ -163,6 +163,10 @@ impl Drop for PrivatePostgres {
 }
 
 /// Counts the readings of `device`: (rows, distinct values).
+/// These tests each run PostgreSQL, Mosquitto and telemon processes and time outages in
+/// seconds; run together on a small machine they starve each other, so they take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn count(url: &str, device: &str) -> (i64, i64) {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connecting");
     sqlx::query_as("SELECT count(*), count(DISTINCT value) FROM readings WHERE device_id = $1")
@@ -258,6 +262,7 @@ fn install_crypto() {
 /// `telemon up`: ingest spools and reports degraded, then writes everything back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_loses_nothing() {
+    let _one_at_a_time = SERIAL.lock().await;
     install_crypto();
     let pg = PrivatePostgres::start();
     let dir = TempDir::new("ingest-outage");
@@ -434,6 +439,7 @@ fn plain_options(client_id: &str, port: u16) -> MqttOptions {
 /// at the broker holds what was not acknowledged, and nothing is stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_killed_mid_stream_loses_nothing() {
+    let _one_at_a_time = SERIAL.lock().await;
     let dir = TempDir::new("ingest-kill");
     let db = common::fresh_postgres_database("ingest_kill").await;
     let broker = Mosquitto::start(dir.path());
@@ -537,6 +543,7 @@ async fn pump(
 /// acknowledged is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_cut_past_keepalive_loses_nothing() {
+    let _one_at_a_time = SERIAL.lock().await;
     let dir = TempDir::new("ingest-cut");
     let db = common::fresh_postgres_database("ingest_cut").await;
     let broker = Mosquitto::start(dir.path());
@@ -567,6 +574,7 @@ async fn broker_connection_cut_past_keepalive_loses_nothing() {
 /// (d) Two workers behind one shared subscription store every reading exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_subscription_workers_store_each_reading_once() {
+    let _one_at_a_time = SERIAL.lock().await;
     let dir = TempDir::new("ingest-shared");
     let db = common::fresh_postgres_database("ingest_shared").await;
     let broker = Mosquitto::start(dir.path());
