@@ -116,7 +116,11 @@ async fn rules_are_listed_changed_disabled_and_restored_through_the_api() {
     eventually("the API rule alerts", WITHIN, || async {
         let payload = r#"{"spo2": 85}"#;
         let (ok, err) = up.mosquitto_pub(Some((&crt, &key)), "devices/bed-r/telemetry", payload);
-        assert!(ok, "{err}");
+        if !ok {
+            // Seen once on a loaded machine right after the certificate was issued: publish
+            // again rather than fail a test about rules on a connection drop.
+            eprintln!("mosquitto_pub failed, publishing again: {err}");
+        }
         has_alert(&stream, "spo2-low").then_some(())
     })
     .await;
