@@ -66,37 +66,6 @@ pub struct PatientDirectory {
     pub patients: BTreeMap<String, (Option<String>, i16)>,
 }
 
-/// Runs `$body` against the backend's pool, with `$ts` turning a time into the backend's
-/// column type and `$get_ts` reading one back from a row.
-macro_rules! on_backend {
-    ($store:expr, |$pool:ident, $ts:ident, $get_ts:ident| $body:block) => {
-        match $store {
-            Store::Postgres(db) => {
-                let $pool = db.pool();
-                #[allow(unused_variables)]
-                let $ts = |t: DateTime<Utc>| t;
-                #[allow(unused_variables)]
-                let $get_ts =
-                    |row: &sqlx::postgres::PgRow, col: &str| row.try_get::<DateTime<Utc>, _>(col);
-                $body
-            }
-            Store::Sqlite(db) => {
-                let $pool = db.pool();
-                #[allow(unused_variables)]
-                let $ts = |t: DateTime<Utc>| t.timestamp_micros();
-                #[allow(unused_variables)]
-                let $get_ts = |row: &sqlx::sqlite::SqliteRow, col: &str| {
-                    let us: i64 = row.try_get(col)?;
-                    DateTime::from_timestamp_micros(us).ok_or_else(|| {
-                        sqlx::Error::Decode(format!("time {us} out of range").into())
-                    })
-                };
-                $body
-            }
-        }
-    };
-}
-
 impl Store {
     /// Creates a user; false when the name is taken.
     pub async fn create_user(&self, user: &User, now: DateTime<Utc>) -> Result<bool> {

@@ -40,38 +40,6 @@ impl RuleTable {
     }
 }
 
-/// Runs `$body` against the backend's pool, with `$ts` turning a time into the backend's
-/// column type (timestamptz on PostgreSQL, epoch microseconds on SQLite) and `$get_ts`
-/// reading one back.
-macro_rules! on_backend {
-    ($store:expr, |$pool:ident, $ts:ident, $get_ts:ident| $body:block) => {
-        match $store {
-            Store::Postgres(db) => {
-                let $pool = db.pool();
-                #[allow(unused_variables)]
-                let $ts = |t: DateTime<Utc>| t;
-                #[allow(unused_variables)]
-                let $get_ts =
-                    |row: &sqlx::postgres::PgRow, col: &str| row.try_get::<DateTime<Utc>, _>(col);
-                $body
-            }
-            Store::Sqlite(db) => {
-                let $pool = db.pool();
-                #[allow(unused_variables)]
-                let $ts = |t: DateTime<Utc>| t.timestamp_micros();
-                #[allow(unused_variables)]
-                let $get_ts = |row: &sqlx::sqlite::SqliteRow, col: &str| {
-                    let us: i64 = row.try_get(col)?;
-                    DateTime::from_timestamp_micros(us).ok_or_else(|| {
-                        sqlx::Error::Decode(format!("time {us} out of range").into())
-                    })
-                };
-                $body
-            }
-        }
-    };
-}
-
 impl Store {
     /// Every rule of one table, by id.
     pub async fn stored_rules(&self, table: RuleTable) -> Result<Vec<StoredRule>> {
