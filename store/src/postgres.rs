@@ -4,6 +4,7 @@
 //! migration set makes `readings` a hypertable with compression, retention and continuous
 //! aggregates, and history at 1-minute and 1-hour buckets reads the aggregates.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use telemon_model::{AlertEvent, DeviceId, Reading};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::{
     column_value, parse_alert, value_columns, AlertQuery, DeadLetter, Device, ReadingQuery, Result,
@@ -23,12 +24,17 @@ use crate::{
 /// How batches of readings reach the `readings` table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PgWrite {
+    /// Binary COPY straight into `readings`, after dropping repeats inside the batch. The
+    /// default: a batch that meets no stored row (the usual case, redeliveries are rare) costs
+    /// what raw COPY costs. The primary key refuses a batch that does meet one; that batch is
+    /// then written again with `Unnest`, in a new transaction, so that nothing is stored twice.
+    Direct,
     /// COPY into a session-local staging table, then one `INSERT ... SELECT ... ON CONFLICT
     /// DO NOTHING`.
     Copy,
-    /// One `INSERT ... SELECT FROM UNNEST(arrays) ON CONFLICT DO NOTHING`. The default: in
-    /// `benches/write.rs` it moves about 10% more rows per second than COPY, since the cost
-    /// is the conflict check against the primary key, and COPY adds the staging round trip.
+    /// One `INSERT ... SELECT FROM UNNEST(arrays) ON CONFLICT DO NOTHING`: every row pays
+    /// the speculative insertion of `ON CONFLICT`, which in `benches/write.rs` halves the
+    /// rows per second of a plain COPY.
     Unnest,
 }
 
@@ -52,7 +58,7 @@ impl Postgres {
             .map_err(StoreError::Connect)?;
         let db = Postgres {
             pool,
-            write: PgWrite::Unnest,
+            write: PgWrite::Direct,
             aggregates: Arc::default(),
         };
         db.detect_aggregates().await?;
@@ -127,8 +133,28 @@ impl Postgres {
         readings: &[Reading],
         seen_at: DateTime<Utc>,
     ) -> Result<u64> {
+        if self.write != PgWrite::Direct {
+            return self.insert_batch(self.write, readings, seen_at).await;
+        }
+        match self.insert_batch(PgWrite::Direct, readings, seen_at).await {
+            Err(StoreError::Query(e)) if refused_as_stored(&e) => {
+                debug!(rows = readings.len(), cause = %e, "batch meets stored rows; deduplicating");
+                self.insert_batch(PgWrite::Unnest, readings, seen_at).await
+            }
+            other => other,
+        }
+    }
+
+    /// One transaction: the readings, then the devices' last-seen times.
+    async fn insert_batch(
+        &self,
+        write: PgWrite,
+        readings: &[Reading],
+        seen_at: DateTime<Utc>,
+    ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let inserted = match self.write {
+        let inserted = match write {
+            PgWrite::Direct => copy_direct(&mut tx, readings).await?,
             PgWrite::Copy => copy_staged(&mut tx, readings).await?,
             PgWrite::Unnest => insert_unnest(&mut tx, readings).await?,
         };
@@ -215,29 +241,7 @@ impl Postgres {
                 .await?
             }
             Some(bucket @ (60 | 3600)) if self.uses_aggregates() => {
-                // Buckets are whole minutes or hours here, so `from` and `to` select whole
-                // buckets; the aggregates are real-time (materialized_only = false), so the
-                // newest, not yet materialized bucket is included too.
-                let view = if bucket == 60 {
-                    "readings_1m"
-                } else {
-                    "readings_1h"
-                };
-                sqlx::query(&format!(
-                    "SELECT device_id, metric, bucket AS time, avg AS value, \
-                     NULL::text AS value_text, unit FROM {view} \
-                     WHERE device_id = $1 AND ($2::text IS NULL OR metric = $2) \
-                     AND ($3::timestamptz IS NULL OR bucket >= $3) \
-                     AND ($4::timestamptz IS NULL OR bucket < $4) AND avg IS NOT NULL \
-                     ORDER BY bucket DESC, metric LIMIT $5"
-                ))
-                .bind(&q.device)
-                .bind(&q.metric)
-                .bind(q.from)
-                .bind(q.to)
-                .bind(q.limit)
-                .fetch_all(&self.pool)
-                .await?
+                self.bucket_rows_from_aggregates(q, bucket).await?
             }
             Some(bucket) => {
                 sqlx::query(
@@ -261,6 +265,58 @@ impl Postgres {
             }
         };
         rows.iter().map(reading_from_row).collect()
+    }
+
+    /// Bucketed history from `readings_1m` or `readings_1h`, the same rows the raw query
+    /// gives. The views hold whole buckets only, so a bucket cut by `from` or `to` (the
+    /// dashboard asks for "the last 24 hours" at any second) is averaged from the raw rows
+    /// inside the range, and only the whole buckets between come from the view.
+    ///
+    /// A reading written into a bucket that a refresh has already materialized (one that
+    /// arrives minutes late, a spool written back after an outage) is left out until the next
+    /// policy refresh recomputes that bucket: within a minute for 1-minute history, five
+    /// minutes for hourly history (see `migrations/timescaledb/1002_aggregates.sql`).
+    async fn bucket_rows_from_aggregates(
+        &self,
+        q: &ReadingQuery,
+        bucket: i64,
+    ) -> Result<Vec<PgRow>> {
+        let (view, width) = if bucket == 60 {
+            ("readings_1m", "1 minute")
+        } else {
+            ("readings_1h", "1 hour")
+        };
+        let whole_from = q.from.map(|from| bucket_start(from, bucket, true));
+        let whole_to = q.to.map(|to| bucket_start(to, bucket, false));
+
+        // The views are real-time (materialized_only = false), so the newest buckets, not
+        // yet refreshed, come from the raw rows inside the view itself.
+        let rows = sqlx::query(&format!(
+            "SELECT device_id, metric, bucket AS time, avg AS value, NULL::text AS value_text, \
+             unit FROM {view} \
+             WHERE device_id = $1 AND ($2::text IS NULL OR metric = $2) \
+             AND ($6::timestamptz IS NULL OR bucket >= $6) \
+             AND ($7::timestamptz IS NULL OR bucket < $7) \
+             UNION ALL \
+             SELECT device_id, metric, time_bucket(INTERVAL '{width}', time) AS time, \
+             avg(value) AS value, NULL::text AS value_text, max(unit) AS unit FROM readings \
+             WHERE device_id = $1 AND ($2::text IS NULL OR metric = $2) \
+             AND ($3::timestamptz IS NULL OR time >= $3) \
+             AND ($4::timestamptz IS NULL OR time < $4) AND value IS NOT NULL \
+             AND (time < $6 OR time >= $7) \
+             GROUP BY 1, 2, 3 \
+             ORDER BY 3 DESC, 2 LIMIT $5"
+        ))
+        .bind(&q.device)
+        .bind(&q.metric)
+        .bind(q.from)
+        .bind(q.to)
+        .bind(q.limit)
+        .bind(whole_from)
+        .bind(whole_to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 
     pub async fn latest(&self, device: &str) -> Result<Vec<Reading>> {
@@ -374,6 +430,19 @@ impl Postgres {
     }
 }
 
+/// The start of the bucket of `bucket_secs` holding `time` (buckets are aligned to the Unix
+/// epoch, as `time_bucket` aligns minutes and hours), or with `up` the first bucket start at
+/// or after `time`.
+fn bucket_start(time: DateTime<Utc>, bucket_secs: i64, up: bool) -> DateTime<Utc> {
+    let width = bucket_secs * 1_000_000;
+    let micros = time.timestamp_micros();
+    let mut start = micros.div_euclid(width) * width;
+    if up && start < micros {
+        start += width;
+    }
+    DateTime::from_timestamp_micros(start).unwrap_or(time)
+}
+
 fn reading_from_row(row: &PgRow) -> Result<Reading> {
     let device: String = row.try_get("device_id")?;
     Ok(Reading {
@@ -401,6 +470,93 @@ fn alert_from_row(row: &PgRow) -> Result<AlertEvent> {
         acknowledged_by: row.try_get("acknowledged_by")?,
         acknowledged_at: row.try_get("acknowledged_at")?,
     })
+}
+
+/// Whether a direct COPY failed because a row of the batch is already stored (or is being
+/// stored by a concurrent batch, which can also surface as a deadlock between the two): the
+/// batch is then written again through the deduplicating path.
+fn refused_as_stored(e: &sqlx::Error) -> bool {
+    const UNIQUE_VIOLATION: &str = "23505";
+    const DEADLOCK_DETECTED: &str = "40P01";
+    let sqlx::Error::Database(e) = e else {
+        return false;
+    };
+    matches!(e.code().as_deref(), Some(UNIQUE_VIOLATION | DEADLOCK_DETECTED))
+}
+
+/// Binary COPY into `readings` of the batch's first reading of each (device, metric, time):
+/// a later repeat inside the batch (a redelivery, or the same reading once as an integer and
+/// once as a float) is dropped here, as `ON CONFLICT DO NOTHING` would drop it.
+async fn copy_direct(conn: &mut PgConnection, readings: &[Reading]) -> Result<u64> {
+    let mut seen = HashSet::with_capacity(readings.len());
+    let unique = readings.iter().filter(|r| {
+        let key = (r.device_id.as_str(), r.metric.as_str(), pg_micros(&r.time));
+        seen.insert(key)
+    });
+    let data = copy_binary(unique);
+
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY readings (device_id, metric, time, value, value_text, unit) \
+             FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    copy.send(data).await?;
+    Ok(copy.finish().await?)
+}
+
+/// Microseconds since 2000-01-01 UTC, PostgreSQL's `timestamptz`, truncated like sqlx's
+/// binary encoding of the other paths, so that every path stores the same instant.
+fn pg_micros(time: &DateTime<Utc>) -> i64 {
+    const PG_EPOCH_SECS: i64 = 946_684_800;
+    let since = *time - DateTime::from_timestamp(PG_EPOCH_SECS, 0).unwrap_or_default();
+    since.num_microseconds().unwrap_or(i64::MAX)
+}
+
+/// The readings in COPY's binary format: a header, then per row the field count and each
+/// field as a length (-1 for NULL) and its bytes, then a -1 trailer.
+fn copy_binary<'a>(readings: impl Iterator<Item = &'a Reading>) -> Vec<u8> {
+    const FIELDS: i16 = 6;
+    let mut out = Vec::with_capacity(64 * 1024);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+    for r in readings {
+        let (value, text) = value_columns(&r.value);
+        out.extend_from_slice(&FIELDS.to_be_bytes());
+        binary_text(&mut out, Some(r.device_id.as_str()));
+        binary_text(&mut out, Some(&r.metric));
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&pg_micros(&r.time).to_be_bytes());
+        match value {
+            Some(v) => {
+                out.extend_from_slice(&8i32.to_be_bytes());
+                out.extend_from_slice(&v.to_bits().to_be_bytes());
+            }
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+        binary_text(&mut out, text.as_deref());
+        binary_text(&mut out, r.unit.as_deref());
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
+/// One `text` field; NUL cannot be stored in a text column, so it is left out, as in the
+/// text format (validation refuses it before storage anyway).
+fn binary_text(out: &mut Vec<u8>, value: Option<&str>) {
+    let Some(value) = value else {
+        out.extend_from_slice(&(-1i32).to_be_bytes());
+        return;
+    };
+    let bytes = value.as_bytes();
+    let kept = bytes.iter().filter(|&&b| b != 0).count();
+    out.extend_from_slice(&(kept as i32).to_be_bytes());
+    if kept == bytes.len() {
+        out.extend_from_slice(bytes);
+    } else {
+        out.extend(bytes.iter().filter(|&&b| b != 0));
+    }
 }
 
 /// COPYs the batch into a staging table private to this session and moves the rows new to
