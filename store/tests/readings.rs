@@ -528,7 +528,7 @@ async fn postgres_timescaledb_storage_or_plain_table() {
     .unwrap();
     assert!(is_compressed);
 
-    for write in [PgWrite::Unnest, PgWrite::Copy] {
+    for write in [PgWrite::Direct, PgWrite::Unnest, PgWrite::Copy] {
         let store = store.clone().with_pg_write(write);
         assert_eq!(
             store.insert_readings(&batch, t(0)).await.unwrap(),
