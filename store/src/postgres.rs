@@ -1,5 +1,6 @@
-//! PostgreSQL backend. Readings go in with one deduplicating UNNEST insert per batch (COPY
-//! through a staging table is the measured alternative, see `benches/write.rs`); when the
+//! PostgreSQL backend. Readings go in with one binary COPY per batch straight into
+//! `readings`, and a batch that meets rows already stored goes again through a deduplicating
+//! UNNEST insert (the write paths are measured side by side in `benches/write.rs`); when the
 //! server has the TimescaleDB extension, a separate
 //! migration set makes `readings` a hypertable with compression, retention and continuous
 //! aggregates, and history at 1-minute and 1-hour buckets reads the aggregates.
@@ -481,7 +482,10 @@ fn refused_as_stored(e: &sqlx::Error) -> bool {
     let sqlx::Error::Database(e) = e else {
         return false;
     };
-    matches!(e.code().as_deref(), Some(UNIQUE_VIOLATION | DEADLOCK_DETECTED))
+    matches!(
+        e.code().as_deref(),
+        Some(UNIQUE_VIOLATION | DEADLOCK_DETECTED)
+    )
 }
 
 /// Binary COPY into `readings` of the batch's first reading of each (device, metric, time):
@@ -725,5 +729,66 @@ mod tests {
             .map(|l| l.split('\t').nth(3).unwrap())
             .collect();
         assert_eq!(values, ["1", "Infinity"]);
+    }
+
+    #[test]
+    fn copy_binary_frames_rows_and_marks_nulls() {
+        let rows = [reading("n\0te", Value::Text("ok".into()), None)];
+        let data = copy_binary(rows.iter());
+        assert_eq!(&data[..11], b"PGCOPY\n\xff\r\n\0");
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&6i16.to_be_bytes());
+        expected.extend_from_slice(&5i32.to_be_bytes());
+        expected.extend_from_slice(b"bed-1");
+        expected.extend_from_slice(&3i32.to_be_bytes());
+        expected.extend_from_slice(b"nte");
+        expected.extend_from_slice(&8i32.to_be_bytes());
+        expected.extend_from_slice(&753_315_200_123_456i64.to_be_bytes());
+        expected.extend_from_slice(&(-1i32).to_be_bytes());
+        expected.extend_from_slice(&2i32.to_be_bytes());
+        expected.extend_from_slice(b"ok");
+        expected.extend_from_slice(&(-1i32).to_be_bytes());
+        expected.extend_from_slice(&(-1i16).to_be_bytes());
+        assert_eq!(&data[19..], &expected[..]);
+    }
+
+    /// A batch mixing stored rows, repeats and new rows: the direct COPY is refused by the
+    /// primary key, and the batch is stored again without its duplicates.
+    #[tokio::test]
+    async fn direct_write_of_a_partly_stored_batch_stores_only_the_new_rows() {
+        let Ok(admin) = std::env::var("TELEMON_TEST_DATABASE_URL") else {
+            panic!("TELEMON_TEST_DATABASE_URL is not set: scripts/test.sh starts a PostgreSQL");
+        };
+        let mut conn = <PgConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .unwrap();
+        let db = format!("store_direct_partly_{}", std::process::id());
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            format!("CREATE DATABASE {db}"),
+        ] {
+            sqlx::query(&sql).execute(&mut conn).await.unwrap();
+        }
+        let base = admin.rsplit_once('/').unwrap().0;
+        let store = Postgres::connect(&format!("{base}/{db}")).await.unwrap();
+        store.migrate().await.unwrap();
+        let at = |ms: i64| DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap();
+        let hr = |ms: i64, v: f64| Reading {
+            time: at(ms),
+            ..reading("hr", Value::Number(v), None)
+        };
+
+        assert_eq!(
+            store.insert_readings(&[hr(0, 70.0)], at(0)).await.unwrap(),
+            1
+        );
+        let batch = [hr(1, 71.0), hr(0, 70.0), hr(1, 71.0), hr(2, 72.0)];
+        assert_eq!(store.insert_readings(&batch, at(2)).await.unwrap(), 2);
+
+        let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM readings")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 3);
     }
 }
