@@ -80,6 +80,7 @@ function startStream(query, onEvent) {
         const headers = { authorization: 'Bearer ' + state.token };
         if (lastId) headers['last-event-id'] = lastId;
         const resp = await fetch('/api/v1/stream' + query, { headers, signal: controller.signal });
+        if (resp.status === 401) { logout(); return; }
         if (!resp.ok) throw new Error('stream ' + resp.status);
         const reader = resp.body.getReader();
         const decoder = new TextDecoder();
@@ -97,6 +98,8 @@ function startStream(query, onEvent) {
             if (field('id')) lastId = field('id');
             const name = field('event');
             if (name === 'reading' || name === 'alert') onEvent(name, JSON.parse(field('data')));
+            // The session ended or expired while the stream was open: back to the login page.
+            if (name === 'end') { logout(); return; }
           }
         }
       } catch (e) {

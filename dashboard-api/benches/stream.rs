@@ -11,7 +11,6 @@
 //! `CLIENTS` (1000), `RATE` readings/s (10000), `SECONDS` (10).
 
 use std::io::{BufRead, Write};
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use telemon_dashboard_api::live::{Live, LiveData};
-use telemon_dashboard_api::{routes, AppState, Auth};
+use telemon_dashboard_api::{AppState, Auth};
 use telemon_model::health::Health;
 use telemon_model::{DeviceId, Reading, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,8 +61,7 @@ async fn server() {
         .await
         .expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(telemon_dashboard_api::serve(listener, state));
     println!("{port}");
 
     let mut line = String::new();

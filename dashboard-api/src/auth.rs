@@ -315,6 +315,27 @@ fn bearer(parts: &Parts) -> Option<String> {
     })
 }
 
+/// A request's bearer token, kept by a long-lived stream to check again later that its
+/// session or token still stands. Never logged: `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(..)")
+    }
+}
+
+impl FromRequestParts<AppState> for BearerToken {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, HttpError> {
+        bearer(parts)
+            .map(BearerToken)
+            .ok_or(HttpError::Unauthorized)
+    }
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = HttpError;
 

@@ -20,6 +20,7 @@ pub mod routes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use telemon_ingest::decode::Decoder;
 use telemon_model::bus::BusConfig;
 use telemon_model::health::Health;
@@ -77,9 +78,8 @@ impl Api {
         };
         let listener = TcpListener::bind(listen).await.map_err(bind)?;
         let local_addr = listener.local_addr().map_err(bind)?;
-        let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = serve(listener, state).await {
                 tracing::error!(cause = %e, "HTTP server stopped");
             }
         });
@@ -90,4 +90,18 @@ impl Api {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+}
+
+/// Serves the API on an open listener until the listener fails.
+///
+/// Nagle's algorithm is off on every connection: a stream event is a small write with nothing
+/// coming back, and Nagle would hold it until the client's delayed ACK (up to 40 ms).
+pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(cause = %e, "could not set TCP_NODELAY");
+        }
+    });
+    let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).await
 }

@@ -1,7 +1,6 @@
 //! The API in-process on a real socket, with a SQLite store and a feed fed by the test:
 //! logins, the access filter on every endpoint and stream, and stream clients' clean-up.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +8,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use telemon_dashboard_api::live::{Live, LiveData};
-use telemon_dashboard_api::{routes, AppState, Auth};
+use telemon_dashboard_api::{AppState, Auth};
 use telemon_model::health::Health;
 use telemon_model::{AlertEvent, AlertState, DeviceId, Priority, Reading};
 use telemon_store::Store;
@@ -47,8 +46,7 @@ async fn serve() -> Server {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(telemon_dashboard_api::serve(listener, state.clone()));
     Server {
         url: format!("http://{addr}"),
         state,
@@ -556,4 +554,94 @@ async fn malformed_requests_get_the_json_error_body() {
         .await;
     assert_eq!(status, 400);
     assert!(body["error"].is_string(), "{body}");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next JSON message of a WebSocket stream other than a heartbeat, if one comes in `wait`.
+async fn next_message(ws: &mut Ws, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let message = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
+        if let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = message {
+            let value: Value = serde_json::from_str(text.as_str()).unwrap();
+            if value["type"] != "heartbeat" {
+                return Some(value);
+            }
+        }
+    }
+}
+
+/// Publishes a reading of `device` and then of `marker` until the marker arrives with nothing
+/// of `device` before it (or, when `device` should now be seen, until it arrives): the scope
+/// change is applied by the stream shortly after the API call that made it.
+async fn settles(server: &Server, ws: &mut Ws, device: &str, marker: &str, seen: bool) -> bool {
+    for round in 0..100 {
+        server.publish_reading(device, 100.0 + round as f64);
+        server.publish_reading(marker, 60.0);
+        let mut got_device = false;
+        while let Some(m) = next_message(ws, Duration::from_millis(200)).await {
+            match m["data"]["device_id"].as_str() {
+                Some(d) if d == device => got_device = true,
+                Some(d) if d == marker => break,
+                _ => {}
+            }
+        }
+        if got_device == seen {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn an_open_stream_follows_assignments_and_ends_with_its_session() {
+    let server = serve().await;
+    let (ann, _) = server.ward().await;
+    let ws_url = format!(
+        "{}/api/v1/ws?kind=readings&access_token={ann}",
+        server.url.replace("http", "ws")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    server.wait_for_clients(1).await;
+
+    // bed-2 monitors p2, bob's patient: nothing of it until ann is assigned p2 too.
+    server.publish_reading("bed-2", 90.0);
+    server.publish_reading("bed-1", 70.0);
+    let first = next_message(&mut ws, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        first["data"]["device_id"], "bed-1",
+        "bed-2 is not ann's yet"
+    );
+
+    server
+        .admin("PUT", "/api/v1/users/ann/patients/p2", None)
+        .await;
+    assert!(
+        settles(&server, &mut ws, "bed-2", "bed-1", true).await,
+        "the open stream never gained p2's device"
+    );
+
+    server
+        .admin("DELETE", "/api/v1/users/ann/patients/p2", None)
+        .await;
+    assert!(
+        settles(&server, &mut ws, "bed-2", "bed-1", false).await,
+        "the open stream kept p2's device after the assignment ended"
+    );
+    server.publish_reading("bed-2", 99.0);
+    server.publish_reading("bed-1", 71.0);
+    let after = next_message(&mut ws, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(after["data"]["device_id"], "bed-1");
+
+    let (status, _) = server.call("POST", "/api/v1/logout", &ann, None).await;
+    assert_eq!(status, 204);
+    let end = next_message(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(end.as_ref().map(|m| m["type"].clone()), Some(json!("end")));
+    server.wait_for_clients(0).await;
 }

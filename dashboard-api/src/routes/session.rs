@@ -96,6 +96,7 @@ pub async fn logout(
 ) -> Result<axum::http::StatusCode, HttpError> {
     if let Credential::Session { token_hash } = &principal.credential {
         state.store.delete_session(token_hash).await?;
+        state.live.scope_changed();
     }
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

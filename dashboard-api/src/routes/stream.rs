@@ -1,9 +1,14 @@
 //! The live stream, over Server-Sent Events and over a WebSocket, filtered per client by the
 //! caller's scope and by the filters it asks for.
 //!
-//! A client that falls more than the feed's buffer behind skips ahead: it gets a `lagged`
-//! event with the number of events it missed, and never slows the feed or other clients. A
-//! client's state is its broadcast receiver and its filter; both go when it disconnects.
+//! A client that falls more than its queue behind skips ahead: it gets a `lagged` event with
+//! the number of events it missed, and never slows the feed or other clients. A client's
+//! state is its subscription and its filter; both go when it disconnects.
+//!
+//! The caller's scope is not fixed at connect: when an assignment or a patient's devices
+//! change in this process, and every [`RECHECK`] in any case, an open stream checks its
+//! credential and scope again. A stream whose session has ended or expired gets an `end`
+//! event and closes; one whose patients changed sees the new ones from then on.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -18,20 +23,23 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
+use tokio::sync::watch;
+use tracing::debug;
 use utoipa::IntoParams;
 
-use crate::access::{Access, Scope};
+use crate::access::{scope_of, Access, Scope};
+use crate::auth::BearerToken;
 use crate::error::HttpError;
-use crate::live::{LiveData, LiveEvent};
+use crate::live::{Delivery, Interest, LiveData, LiveEvent, Subscription};
 use crate::openapi::ErrorBody;
 use crate::AppState;
 
 /// Proxies drop idle connections after 30 to 60 s; a heartbeat well inside that keeps a quiet
 /// stream open and lets clients notice a dead one.
 const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How often an open stream checks its caller again when nothing here announced a change:
+/// another API process may have changed assignments, or the session may have expired.
+const RECHECK: Duration = Duration::from_secs(30);
 /// WebSocket buffers: tungstenite's defaults (128 KiB each way) would dominate a client's
 /// memory; events are a few hundred bytes and clients send nothing but control frames.
 const WS_READ_BUFFER: usize = 4 * 1024;
@@ -56,8 +64,8 @@ pub struct StreamParams {
     access_token: Option<String>,
 }
 
-pub struct StreamFilter {
-    scope: Scope,
+/// What a client asked for, parsed once; its scope is applied on top, as it stands.
+struct Request {
     devices: Option<HashSet<String>>,
     patients: Option<HashSet<String>>,
     metrics: Option<HashSet<String>>,
@@ -74,9 +82,8 @@ fn split(v: Option<String>) -> Option<HashSet<String>> {
     })
 }
 
-impl StreamFilter {
-    /// The filter of one client. Asking for patients means their devices as of now.
-    async fn new(state: &AppState, scope: Scope, params: StreamParams) -> Result<Self, HttpError> {
+impl Request {
+    fn parse(params: StreamParams) -> Result<Self, HttpError> {
         let (readings, alerts) = match params.kind.as_deref() {
             None | Some("all") => (true, true),
             Some("readings") => (true, false),
@@ -87,9 +94,30 @@ impl StreamFilter {
                 ))
             }
         };
-        let patients = split(params.patient);
-        let mut devices = split(params.device);
-        if let Some(wanted) = &patients {
+        Ok(Request {
+            devices: split(params.device),
+            patients: split(params.patient),
+            metrics: split(params.metric),
+            readings,
+            alerts,
+        })
+    }
+}
+
+pub struct StreamFilter {
+    scope: Scope,
+    devices: Option<HashSet<String>>,
+    patients: Option<HashSet<String>>,
+    metrics: Option<HashSet<String>>,
+    readings: bool,
+    alerts: bool,
+}
+
+impl StreamFilter {
+    /// The filter of one client. Asking for patients means their devices as of now.
+    async fn new(state: &AppState, scope: Scope, request: &Request) -> Result<Self, HttpError> {
+        let mut devices = request.devices.clone();
+        if let Some(wanted) = &request.patients {
             let of_patients = state
                 .store
                 .patients()
@@ -102,11 +130,27 @@ impl StreamFilter {
         Ok(StreamFilter {
             scope,
             devices,
-            patients,
-            metrics: split(params.metric),
-            readings,
-            alerts,
+            patients: request.patients.clone(),
+            metrics: request.metrics.clone(),
+            readings: request.readings,
+            alerts: request.alerts,
         })
+    }
+
+    /// What the feed should route to this client: the devices both asked for and in scope.
+    fn interest(&self) -> Interest {
+        let devices = match (&self.scope, &self.devices) {
+            (Scope::All, asked) => asked.clone(),
+            (Scope::Only { devices, .. }, None) => Some(devices.clone()),
+            (Scope::Only { devices, .. }, Some(asked)) => {
+                Some(asked.intersection(devices).cloned().collect())
+            }
+        };
+        Interest {
+            devices,
+            readings: self.readings,
+            alerts: self.alerts,
+        }
     }
 
     pub fn wants(&self, event: &LiveEvent) -> bool {
@@ -139,30 +183,135 @@ fn event_name(event: &LiveEvent) -> &'static str {
     }
 }
 
-fn event_data(event: &LiveEvent) -> serde_json::Value {
-    let data = match &event.data {
-        LiveData::Reading(r) => serde_json::to_value(r),
-        LiveData::Alert(a) => serde_json::to_value(a),
-    };
-    data.unwrap_or_default()
-}
-
 fn to_sse(event: &LiveEvent) -> Event {
     Event::default()
         .id(event.id.to_string())
         .event(event_name(event))
-        .data(event_data(event).to_string())
+        .data(event.json())
 }
 
-async fn open(
-    access: &Access,
-    state: &AppState,
-    params: StreamParams,
-    how: &str,
-) -> Result<StreamFilter, HttpError> {
-    let filter = StreamFilter::new(state, access.scope.clone(), params).await?;
-    access.audit(state, how, "live stream").await?;
-    Ok(filter)
+/// An event as one WebSocket text message, `{"id", "type", "data"}`.
+fn to_ws(event: &LiveEvent) -> String {
+    format!(
+        r#"{{"id":{},"type":"{}","data":{}}}"#,
+        event.id,
+        event_name(event),
+        event.json()
+    )
+}
+
+/// What an open stream sends next.
+enum Next {
+    Event(Arc<LiveEvent>),
+    Lagged(u64),
+    /// The caller's credential no longer stands; the stream closes after saying so.
+    Ended,
+}
+
+/// One open stream: its subscription and filter, and what it needs to check its caller again.
+struct Watch {
+    state: AppState,
+    token: BearerToken,
+    request: Request,
+    filter: StreamFilter,
+    subscription: Subscription,
+    scope_changes: watch::Receiver<u64>,
+    recheck: tokio::time::Interval,
+    check_due: bool,
+    ended: bool,
+}
+
+impl Watch {
+    /// Checks the caller's access, audits the view and subscribes; `last_id` resumes.
+    async fn open(
+        state: AppState,
+        access: Access,
+        token: BearerToken,
+        params: StreamParams,
+        how: &str,
+        last_id: Option<u64>,
+    ) -> Result<(Vec<Arc<LiveEvent>>, u64, Watch), HttpError> {
+        let request = Request::parse(params)?;
+        let filter = StreamFilter::new(&state, access.scope.clone(), &request).await?;
+        access.audit(&state, how, "live stream").await?;
+
+        // Subscribed to changes before the feed, so that none between the two is missed.
+        let scope_changes = state.live.scope_changes();
+        let (missed, lost, subscription) = state.live.subscribe(filter.interest(), last_id);
+        let missed = missed.into_iter().filter(|e| filter.wants(e)).collect();
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recheck.reset();
+        let watch = Watch {
+            state,
+            token,
+            request,
+            filter,
+            subscription,
+            scope_changes,
+            recheck,
+            check_due: false,
+            ended: false,
+        };
+        Ok((missed, lost, watch))
+    }
+
+    async fn next(&mut self) -> Option<Next> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            // A check cut short (the WebSocket loop also waits on its socket) is done again.
+            if self.check_due {
+                let stands = self.check_caller().await;
+                self.check_due = false;
+                if !stands {
+                    self.ended = true;
+                    return Some(Next::Ended);
+                }
+            }
+            tokio::select! {
+                delivery = self.subscription.recv() => match delivery? {
+                    Delivery::Event(e) if self.filter.wants(&e) => return Some(Next::Event(e)),
+                    Delivery::Event(_) => {}
+                    Delivery::Lagged(n) => return Some(Next::Lagged(n)),
+                },
+                changed = self.scope_changes.changed() => {
+                    changed.ok()?;
+                    self.check_due = true;
+                }
+                _ = self.recheck.tick() => self.check_due = true,
+            }
+        }
+    }
+
+    /// Re-reads the caller's credential and scope; false when the credential is gone. When
+    /// the store cannot answer, the stream keeps the scope it has and tries again later.
+    async fn check_caller(&mut self) -> bool {
+        let state = &self.state;
+        let principal = match state.auth.check(&state.store, &self.token.0).await {
+            Ok(Some(principal)) => principal,
+            Ok(None) => return false,
+            Err(e) => {
+                debug!(cause = %e, "stream could not check its caller; keeping its scope");
+                return true;
+            }
+        };
+        let filter = match scope_of(state, &principal).await {
+            Ok(scope) => StreamFilter::new(state, scope, &self.request).await,
+            Err(e) => Err(e),
+        };
+        match filter {
+            Ok(filter) => {
+                if filter.interest() != self.filter.interest() {
+                    self.subscription.set_interest(filter.interest());
+                }
+                self.filter = filter;
+            }
+            Err(e) => debug!(cause = %e, "stream could not refresh its scope; keeping it"),
+        }
+        true
+    }
 }
 
 /// Readings and alert transitions as Server-Sent Events (`reading`, `alert`, `lagged`), with
@@ -172,35 +321,31 @@ async fn open(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn sse(
     access: Access,
+    token: BearerToken,
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(params): Query<StreamParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
-    let filter = Arc::new(open(&access, &state, params, "open event stream").await?);
     let last_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let (missed, lost, rx) = state.live.resume(last_id);
+    let how = "open event stream";
+    let (missed, lost, watch) = Watch::open(state, access, token, params, how, last_id).await?;
 
     // Events older than the kept history cannot be replayed: say how many, as for a client
     // that fell behind, rather than resume with a silent gap.
     let gap = (lost > 0).then(|| Ok(Event::default().event("lagged").data(lost.to_string())));
-    let replay_filter = filter.clone();
-    let replay = stream::iter(gap).chain(
-        stream::iter(missed)
-            .filter(move |e| std::future::ready(replay_filter.wants(e)))
-            .map(|e| Ok(to_sse(&e))),
-    );
-    let live = BroadcastStream::new(rx).filter_map(move |item| {
-        let out = match item {
-            Ok(event) if filter.wants(&event) => Some(Ok(to_sse(&event))),
-            Ok(_) => None,
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                Some(Ok(Event::default().event("lagged").data(n.to_string())))
-            }
+    let replay = stream::iter(gap).chain(stream::iter(missed).map(|e| Ok(to_sse(&e))));
+    let live = stream::unfold(watch, |mut watch| async move {
+        let event = match watch.next().await? {
+            Next::Event(event) => to_sse(&event),
+            Next::Lagged(n) => Event::default().event("lagged").data(n.to_string()),
+            Next::Ended => Event::default()
+                .event("end")
+                .data("credential expired or revoked"),
         };
-        std::future::ready(out)
+        Some((Ok(event), watch))
     });
     let keep_alive = KeepAlive::new().interval(HEARTBEAT).text("heartbeat");
     Ok(Sse::new(replay.chain(live)).keep_alive(keep_alive))
@@ -214,43 +359,44 @@ pub async fn sse(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn ws(
     access: Access,
+    token: BearerToken,
     State(state): State<AppState>,
     Query(params): Query<StreamParams>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, HttpError> {
-    let filter = open(&access, &state, params, "open websocket").await?;
+    let how = "open websocket";
+    let (_, _, watch) = Watch::open(state, access, token, params, how, None).await?;
     let upgrade = upgrade
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE);
     Ok(upgrade
-        .on_upgrade(move |socket| feed_websocket(socket, state, filter))
+        .on_upgrade(move |socket| feed_websocket(socket, watch))
         .into_response())
 }
 
-async fn feed_websocket(mut socket: WebSocket, state: AppState, filter: StreamFilter) {
-    let (_, mut rx) = state.live.subscribe(None);
+async fn feed_websocket(mut socket: WebSocket, mut watch: Watch) {
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.tick().await;
 
     loop {
         let message = tokio::select! {
-            event = rx.recv() => match event {
-                Ok(event) if filter.wants(&event) => json!({
-                    "id": event.id,
-                    "type": event_name(&event),
-                    "data": event_data(&event),
-                }),
-                Ok(_) => continue,
-                Err(RecvError::Lagged(n)) => json!({ "type": "lagged", "missed": n }),
-                Err(RecvError::Closed) => break,
+            next = watch.next() => match next {
+                Some(Next::Event(event)) => to_ws(&event),
+                Some(Next::Lagged(n)) => json!({ "type": "lagged", "missed": n }).to_string(),
+                Some(Next::Ended) => json!({
+                    "type": "end",
+                    "reason": "credential expired or revoked",
+                })
+                .to_string(),
+                None => break,
             },
             _ = heartbeat.tick() => {
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     break;
                 }
-                json!({ "type": "heartbeat" })
+                json!({ "type": "heartbeat" }).to_string()
             }
             incoming = socket.recv() => match incoming {
                 // The client has nothing to say but control frames; axum answers pings.
@@ -258,13 +404,9 @@ async fn feed_websocket(mut socket: WebSocket, state: AppState, filter: StreamFi
                 Some(Ok(_)) => continue,
             },
         };
-        if socket
-            .send(Message::Text(message.to_string().into()))
-            .await
-            .is_err()
-        {
+        if socket.send(Message::Text(message.into())).await.is_err() {
             break;
         }
     }
-    tracing::debug!("websocket client left");
+    debug!("websocket client left");
 }
