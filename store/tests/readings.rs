@@ -8,6 +8,7 @@
 //! TimescaleDB, the same tests run on the hypertable and its aggregates, and the
 //! TimescaleDB-only checks run too; without it they say so in the test output.
 
+use std::io::Write as _;
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -248,7 +249,10 @@ async fn timescaledb_expected(test: &str) -> bool {
     .await
     .unwrap();
     if !available {
-        eprintln!(
+        // Straight to stderr: the test harness swallows eprintln! of a passing test, and this
+        // must show in every run.
+        let _ = writeln!(
+            std::io::stderr(),
             "\n*** {test}: TimescaleDB is NOT available on the test server (not installed or \
              not in shared_preload_libraries): checking the plain PostgreSQL path only; the \
              hypertable, policies and continuous aggregates are NOT tested ***\n"
