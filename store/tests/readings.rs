@@ -62,6 +62,15 @@ async fn sqlite() -> (Store, std::path::PathBuf) {
     (store, path)
 }
 
+/// Removes a test database with the write-ahead log files SQLite keeps beside it.
+fn remove_sqlite(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+}
+
 /// A fresh, migrated database on the test server.
 async fn postgres(name: &str) -> Store {
     let admin = std::env::var("TELEMON_TEST_DATABASE_URL").expect(
@@ -177,14 +186,14 @@ async fn buckets(store: &Store) {
 async fn sqlite_deduplicates() {
     let (store, path) = sqlite().await;
     deduplicates(&store).await;
-    let _ = std::fs::remove_file(path);
+    remove_sqlite(&path);
 }
 
 #[tokio::test]
 async fn sqlite_round_trips() {
     let (store, path) = sqlite().await;
     round_trips(&store).await;
-    let _ = std::fs::remove_file(path);
+    remove_sqlite(&path);
 }
 
 #[tokio::test]
@@ -192,7 +201,7 @@ async fn sqlite_buckets_from_the_raw_table() {
     let (store, path) = sqlite().await;
     assert!(!store.uses_aggregates());
     buckets(&store).await;
-    let _ = std::fs::remove_file(path);
+    remove_sqlite(&path);
 }
 
 #[tokio::test]
@@ -372,7 +381,7 @@ async fn sqlite_history_matches_raw_readings() {
     let rows = history_rows("bed-5", HISTORY_START, 1_500);
     store.insert_readings(&rows, t(0)).await.unwrap();
     history_matches_raw(&store, &rows, "bed-5").await;
-    let _ = std::fs::remove_file(path);
+    remove_sqlite(&path);
 }
 
 /// With TimescaleDB, 1-minute and 1-hour history comes from the continuous aggregates and
