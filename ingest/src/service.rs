@@ -6,10 +6,16 @@
 //! spool. Storage deduplicates on (device, metric, time), so a redelivered message never
 //! makes a second row. Subscriptions are made again on every connection, since a broker
 //! that lost the session (`session present = 0`) would otherwise send nothing.
+//!
+//! A packet id names a message only on the connection that delivered it: on the next one the
+//! broker may give the same id to another message (always, when the session was lost). So a
+//! message is acknowledged only on the connection it arrived on; once that connection is
+//! gone, its acknowledgement is dropped and the broker's redelivery, deduplicated by storage,
+//! is acknowledged instead.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -69,6 +75,7 @@ struct Counters {
     stored: Counter,
     duplicates: Counter,
     spooled: Counter,
+    stale_acks: Counter,
     spool_bytes: Gauge,
     lag_ms: Gauge,
 }
@@ -94,6 +101,12 @@ impl Counters {
             spooled: metrics::counter(
                 "telemon_ingest_readings_spooled_total",
                 "Readings written to the local spool while the database was unreachable.",
+                &[],
+            ),
+            stale_acks: metrics::counter(
+                "telemon_ingest_acknowledgements_dropped_total",
+                "Acknowledgements not sent because the connection their message arrived on was \
+                 lost; the broker redelivers those messages.",
                 &[],
             ),
             spool_bytes: metrics::gauge(
@@ -126,7 +139,9 @@ pub struct IngestHandle {
 }
 
 impl IngestHandle {
-    /// Messages committed (or spooled) and acknowledged to the broker so far.
+    /// Messages committed (or spooled) and acknowledged to the broker so far, counting those
+    /// whose acknowledgement was dropped with their connection (the broker redelivers them,
+    /// and each redelivery is received and counted again).
     pub fn acknowledged(&self) -> u64 {
         self.acknowledged.load(Ordering::SeqCst)
     }
@@ -216,14 +231,15 @@ async fn run(
     health.set(HEALTH, Status::Starting, "connecting to the broker");
     let received = handle.received.clone();
     let spooling = Arc::new(AtomicBool::new(false));
+    let connection = Connection::default();
     tokio::spawn(poll(
         eventloop,
         client.clone(),
         filters,
-        tx,
+        Feed { tx, received },
         health.clone(),
-        received,
         spooling.clone(),
+        connection.clone(),
     ));
 
     let mut batcher = Batcher {
@@ -237,25 +253,59 @@ async fn run(
         refusal_log: Default::default(),
         acknowledged: handle.acknowledged,
         spooling,
+        connection,
     };
     batcher.run(rx).await;
 }
+
+/// A message as the poll task hands it to the batcher.
+struct Received {
+    publish: Publish,
+    at: DateTime<Utc>,
+    /// The connection it arrived on: its packet id means this message on that one only.
+    connection: u64,
+}
+
+/// The way from the poll task to the batcher, counting what goes through.
+struct Feed {
+    tx: mpsc::UnboundedSender<Received>,
+    received: Arc<AtomicU64>,
+}
+
+impl Feed {
+    /// Hands a message over; false once the batcher is gone.
+    fn send(&self, publish: Publish, connection: u64) -> bool {
+        self.received.fetch_add(1, Ordering::SeqCst);
+        let message = Received {
+            publish,
+            at: Utc::now(),
+            connection,
+        };
+        self.tx.send(message).is_ok()
+    }
+}
+
+/// Which broker connection is current. The batcher holds the lock while it queues an
+/// acknowledgement, and the poll task while it moves to the next connection and empties the
+/// request queue of acknowledgements, so that none queued for an old connection is ever sent
+/// on a new one.
+type Connection = Arc<Mutex<u64>>;
 
 /// Drives the MQTT connection and hands messages to the batcher.
 async fn poll(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    tx: mpsc::UnboundedSender<(Publish, DateTime<Utc>)>,
+    feed: Feed,
     health: Health,
-    received: Arc<AtomicU64>,
     spooling: Arc<AtomicBool>,
+    connection: Connection,
 ) {
+    let mut current = 0;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                received.fetch_add(1, Ordering::SeqCst);
-                if tx.send((publish, Utc::now())).is_err() {
+                if !feed.send(publish, current) {
                     return;
                 }
             }
@@ -296,11 +346,40 @@ async fn poll(
             Ok(_) => {}
             Err(e) => {
                 warn!(cause = %e, "broker connection lost; reconnecting");
+                if !forward_leftovers(&mut eventloop, &feed, current) {
+                    return;
+                }
+                current = next_connection(&mut eventloop, &connection);
                 health.set(HEALTH, Status::Degraded, "broker unreachable");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
+}
+
+/// Hands over the messages rumqttc had read from the lost connection but not yet returned:
+/// it would return them after the next connection's CONNACK, as if they came on that one.
+/// They are stored but, belonging to the old connection, never acknowledged. Returns false
+/// once the batcher is gone.
+fn forward_leftovers(eventloop: &mut rumqttc::EventLoop, feed: &Feed, current: u64) -> bool {
+    for event in eventloop.state.events.drain(..) {
+        if let Event::Incoming(Packet::Publish(publish)) = event {
+            if !feed.send(publish, current) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Moves on to a new connection. rumqttc drops the acknowledgements queued when it noticed
+/// the loss, but the batcher may have queued more since; `clean` drops those too (and keeps
+/// any other request). Under the lock, so that no acknowledgement slips in between.
+fn next_connection(eventloop: &mut rumqttc::EventLoop, connection: &Mutex<u64>) -> u64 {
+    let mut current = connection.lock().unwrap_or_else(|e| e.into_inner());
+    *current += 1;
+    eventloop.clean();
+    *current
 }
 
 struct Batcher {
@@ -315,12 +394,14 @@ struct Batcher {
     acknowledged: Arc<AtomicU64>,
     /// Set while batches go to the spool, so that a reconnect does not report healthy.
     spooling: Arc<AtomicBool>,
+    connection: Connection,
 }
 
 /// What one batch of messages became.
 #[derive(Default)]
 struct Batch {
-    publishes: Vec<Publish>,
+    /// Each message with the connection it arrived on.
+    publishes: Vec<(Publish, u64)>,
     contents: SpooledBatch,
     dead_letters: Vec<DeadLetter>,
     oldest: Option<Instant>,
@@ -330,19 +411,19 @@ impl Batcher {
     /// Collects a batch, then commits it while the next one is collected: the database
     /// round trip overlaps receiving, instead of the two taking turns. Batches are still
     /// committed and acknowledged one after another, in the order they arrived.
-    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<(Publish, DateTime<Utc>)>) {
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Received>) {
         let mut last_drain = Instant::now();
         let (size, delay) = (self.settings.batch_size, self.settings.batch_delay);
         let (mut carried, mut closed) = collect(&mut rx, size, delay).await;
         loop {
             let mut batch = Batch::default();
-            for (publish, at) in carried.drain(..) {
-                self.add(&mut batch, publish, at);
+            for message in carried.drain(..) {
+                self.add(&mut batch, message);
             }
             // Whatever arrived during the last commit joins this batch, up to its size.
             while batch.publishes.len() < size {
                 match rx.try_recv() {
-                    Ok((publish, at)) => self.add(&mut batch, publish, at),
+                    Ok(message) => self.add(&mut batch, message),
                     Err(_) => break,
                 }
             }
@@ -364,7 +445,12 @@ impl Batcher {
         }
     }
 
-    fn add(&mut self, batch: &mut Batch, publish: Publish, received_at: DateTime<Utc>) {
+    fn add(&mut self, batch: &mut Batch, received: Received) {
+        let Received {
+            publish,
+            at: received_at,
+            connection,
+        } = received;
         self.counters.messages.inc();
         batch.oldest.get_or_insert_with(Instant::now);
         let topic = publish.topic.clone();
@@ -387,7 +473,7 @@ impl Batcher {
                 batch.dead_letters.push(dead_letter(&message, rejection));
             }
         }
-        batch.publishes.push(publish);
+        batch.publishes.push((publish, connection));
     }
 
     /// One warning per topic per interval: a device sending garbage at a high rate must not
@@ -446,10 +532,8 @@ impl Batcher {
                 }
             }
         }
-        for publish in &batch.publishes {
-            if let Err(e) = self.client.ack(publish).await {
-                debug!(cause = %e, "acknowledgement not sent; the broker will redeliver");
-            }
+        for (publish, connection) in &batch.publishes {
+            self.acknowledge(publish, *connection).await;
         }
         self.acknowledged
             .fetch_add(batch.publishes.len() as u64, Ordering::SeqCst);
@@ -457,6 +541,30 @@ impl Batcher {
             self.counters
                 .lag_ms
                 .set(oldest.elapsed().as_millis() as i64);
+        }
+    }
+
+    /// Queues the acknowledgement of a stored message, unless the connection it came on is
+    /// gone: then its packet id may name another message now, and the broker redelivers it.
+    async fn acknowledge(&self, publish: &Publish, connection: u64) {
+        loop {
+            {
+                let current = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+                if *current != connection {
+                    self.counters.stale_acks.inc();
+                    return debug!(
+                        pkid = publish.pkid,
+                        "connection gone; acknowledgement dropped, the broker will redeliver"
+                    );
+                }
+                // Without waiting, since the lock is held: a full queue is retried below.
+                if self.client.try_ack(publish).is_ok() {
+                    return;
+                }
+            }
+            // The request queue is full (the event loop drains it as it writes) or, if the
+            // loop has stopped, the connection number moves on and ends this.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -523,10 +631,10 @@ impl Batcher {
 /// Up to `size` messages: waits up to a second for the first (so that the caller gets to
 /// its periodic work), then up to `delay` for the rest. Also says whether the channel closed.
 async fn collect(
-    rx: &mut mpsc::UnboundedReceiver<(Publish, DateTime<Utc>)>,
+    rx: &mut mpsc::UnboundedReceiver<Received>,
     size: usize,
     delay: Duration,
-) -> (Vec<(Publish, DateTime<Utc>)>, bool) {
+) -> (Vec<Received>, bool) {
     let mut out = Vec::new();
     match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
         Ok(Some(message)) => out.push(message),
