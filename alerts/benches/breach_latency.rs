@@ -3,7 +3,9 @@
 //! connection per device, one reading per line), and a probe device whose heart rate crosses
 //! the fixture's `hr-high` threshold (no `for`), then recovers, again and again. Prints p50,
 //! p99 and max from the write of the breaching reading to the `firing` event arriving on an
-//! SSE client of /api/v1/stream.
+//! SSE client of /api/v1/stream, and from the write of each probe reading to that reading
+//! arriving on a second SSE client (publish -> dashboard, through edge, engine, the API's live
+//! feed and SSE, while the background load flows).
 //!
 //! Run: `cargo build --release -p telemon && cargo bench -p telemon-alerts --bench
 //! breach_latency` (`TELEMON_BIN` names another binary; `BENCH_RATE` sets the background
@@ -56,25 +58,39 @@ fn main() {
             background(publisher, per_publisher, &sent, &stop)
         }));
     }
-    let alerts = up.alert_stream();
+    let alerts = up.stream("kind=alerts", "state");
+    let readings = up.stream("kind=readings&device=bench-probe", "value");
     std::thread::sleep(Duration::from_secs(2));
 
     let mut probe = up.publisher(&bin, "bench-probe");
     let started = Instant::now();
     let sent_before = sent.load(Ordering::Relaxed);
     let mut latencies = Vec::with_capacity(SAMPLES);
+    let mut reading_latencies = Vec::with_capacity(2 * SAMPLES);
     let mut missed = 0;
+    let mut readings_missed = 0;
     for n in 0..SAMPLES + WARM_UP {
         while alerts.try_recv().is_ok() {}
+        while readings.try_recv().is_ok() {}
         let breached = Instant::now();
         probe.line(r#"{"heart_rate": 150}"#);
-        match wait_for(&alerts, "firing") {
+        match wait_for(&alerts, |s| s == "firing") {
             Some(at) if n >= WARM_UP => latencies.push(at - breached),
             Some(_) => {}
             None => missed += 1,
         }
+        let recovered = Instant::now();
         probe.line(r#"{"heart_rate": 80}"#);
-        wait_for(&alerts, "resolved");
+        wait_for(&alerts, |s| s == "resolved");
+
+        // Both readings reached the stream before their alert transitions did.
+        for (sent, value) in [(breached, "150"), (recovered, "80")] {
+            match wait_for(&readings, |s| s.starts_with(value)) {
+                Some(at) if n >= WARM_UP => reading_latencies.push(at - sent),
+                Some(_) => {}
+                None => readings_missed += 1,
+            }
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let background_rate = (sent.load(Ordering::Relaxed) - sent_before) as f64 / elapsed;
@@ -83,31 +99,43 @@ fn main() {
         let _ = thread.join();
     }
 
-    latencies.sort();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
-        latencies.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
-    };
-    println!("breach -> alert on /api/v1/stream (SSE), telemon up, SQLite store");
+    println!("telemon up, SQLite store, SSE clients of /api/v1/stream");
     println!("  background load: {background_rate:.0} readings/s through the mTLS edge");
-    println!(
-        "  samples {}  missed {missed}  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-        latencies.len(),
-        pct(0.50),
-        pct(0.99),
-        pct(1.0)
+    print_latencies("breach -> alert", &mut latencies, missed);
+    print_latencies(
+        "publish -> reading",
+        &mut reading_latencies,
+        readings_missed,
     );
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The next alert event in `state`, with its arrival time; None after 5 s.
-fn wait_for(alerts: &mpsc::Receiver<(String, Instant)>, state: &str) -> Option<Instant> {
+fn print_latencies(what: &str, latencies: &mut [Duration], missed: usize) {
+    latencies.sort();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        latencies.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "  {what}: samples {}  missed {missed}  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        latencies.len(),
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+}
+
+/// The arrival time of the next stream event whose field matches; None after 5 s.
+fn wait_for(
+    events: &mpsc::Receiver<(String, Instant)>,
+    wanted: impl Fn(&str) -> bool,
+) -> Option<Instant> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
-        let (seen, at) = alerts.recv_timeout(left).ok()?;
-        if seen == state {
+        let (seen, at) = events.recv_timeout(left).ok()?;
+        if wanted(&seen) {
             return Some(at);
         }
     }
@@ -241,27 +269,29 @@ impl Up {
         Publisher { child, stdin }
     }
 
-    /// The states of alert events on the live stream, with their arrival times.
-    fn alert_stream(&self) -> mpsc::Receiver<(String, Instant)> {
+    /// One field of each event of a live stream (`/api/v1/stream?{query}`), with its arrival
+    /// time: the state of alert events, the value of readings.
+    fn stream(&self, query: &str, field: &str) -> mpsc::Receiver<(String, Instant)> {
         let mut socket = TcpStream::connect(&self.http).expect("connecting to the API");
         socket.set_nodelay(true).expect("nodelay");
         let request = format!(
-            "GET /api/v1/stream?kind=alerts HTTP/1.1\r\nHost: {}\r\n\
+            "GET /api/v1/stream?{query} HTTP/1.1\r\nHost: {}\r\n\
              Authorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
             self.http, self.token
         );
         socket
             .write_all(request.as_bytes())
             .expect("stream request");
+        let key = format!("\"{field}\":");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(socket).lines().map_while(Result::ok) {
                 let at = Instant::now();
-                let Some(data) = line.split_once("\"state\":\"") else {
+                let Some((_, rest)) = line.split_once(&key) else {
                     continue;
                 };
-                let state = data.1.split('"').next().unwrap_or_default().to_string();
-                if tx.send((state, at)).is_err() {
+                let value = rest.split([',', '}']).next().unwrap_or_default();
+                if tx.send((value.trim_matches('"').to_string(), at)).is_err() {
                     return;
                 }
             }

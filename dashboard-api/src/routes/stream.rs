@@ -263,7 +263,9 @@ impl Watch {
         loop {
             // A check cut short (the WebSocket loop also waits on its socket) is done again.
             if self.check_due {
-                let stands = self.check_caller().await;
+                // Boxed: the store queries' futures are large, and inline they would size
+                // every idle client's stream state.
+                let stands = Box::pin(self.check_caller()).await;
                 self.check_due = false;
                 if !stands {
                     self.ended = true;
