@@ -45,16 +45,20 @@ fn main() -> Result<(), Error> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    // RUST_LOG=telemon_broker=debug shows why a connection ended.
+    // RUST_LOG=telemon_broker=debug shows why a connection ended. Without RUST_LOG the filter
+    // is `telemon up`'s: rumqttd logs every ordinary disconnect at error level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    raise_fd_limit(200_000);
+    raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new()?;
-    if args.first().map(String::as_str) == Some("__hold") {
-        return runtime.block_on(hold_clients(&args[1..]));
+    match args.first().map(String::as_str) {
+        Some("__hold") => return runtime.block_on(hold_clients(&args[1..])),
+        Some("__storm") => return runtime.block_on(storm_clients(&args[1..])),
+        _ => {}
     }
 
     let all = ["throughput", "storm", "hold"];
@@ -76,24 +80,20 @@ fn main() -> Result<(), Error> {
     })
 }
 
-/// Lifts RLIMIT_NOFILE: 10,000 held devices cost three descriptors each in the server
-/// (device socket, and both ends of the loopback link to the engine).
-fn raise_fd_limit(wanted: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: wanted,
-        rlim_max: wanted,
+/// Lifts this process's soft RLIMIT_NOFILE to its hard limit: the child holding devices needs
+/// one descriptor per device. (The server's side is the edge's own business: it raises its
+/// limit at start-up and sizes its connection limit to it.)
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit reads one plain struct; failure (not root) leaves the limit as is.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        let mut current = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as above, writes one plain struct.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) };
-        current.rlim_cur = current.rlim_max;
-        // SAFETY: as above.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &current) };
+    // SAFETY: getrlimit and setrlimit read or write one plain struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 
@@ -158,10 +158,6 @@ impl Bench {
         let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?;
         Ok(Devices { certs, key })
     }
-
-    fn connector(&self, devices: &Devices, i: usize) -> Result<TlsConnector, Error> {
-        client_connector(&self.pki.ca_path(), devices.certs[i].clone(), &devices.key)
-    }
 }
 
 struct Devices {
@@ -178,9 +174,12 @@ fn client_connector(
     for c in CertificateDer::pem_file_iter(ca)? {
         roots.add(c?)?;
     }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key.clone_key())?;
+    // The edge's own provider: the client side of a handshake shares this machine's CPU.
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(telemon_broker::crypto::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert], key.clone_key())?;
     // Every connection pays the full handshake, as a fleet of distinct devices does.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(TlsConnector::from(Arc::new(config)))
@@ -428,46 +427,62 @@ impl Bench {
 
     async fn storm(&self) -> Result<(), Error> {
         let devices = self.devices("storm", STORM_WORKERS)?;
-        let port = self.edge.local_addr().port();
-        let done = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let until = Instant::now() + STORM_TIME;
-        let mut workers = Vec::new();
-        for i in 0..STORM_WORKERS {
-            let connector = self.connector(&devices, i)?;
-            let (done, failed) = (done.clone(), failed.clone());
-            workers.push(tokio::spawn(async move {
-                while Instant::now() < until {
-                    match handshake_once(&connector, port, i).await {
-                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            }));
-        }
-        for w in workers {
-            w.await?;
-        }
-        let done = done.load(Ordering::Relaxed);
+        let (certs, key) = self.write_devices("storm", &devices)?;
+        let load = load_average();
+        let server_cpu = cpu_seconds();
+        let output = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("__storm")
+            .arg(self.edge.local_addr().port().to_string())
+            .arg(self.pki.ca_path())
+            .arg(&certs)
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        let server_cpu = cpu_seconds() - server_cpu;
+        let report = String::from_utf8(output.stdout)?;
+        let mut fields = report.split_whitespace();
+        let mut next = || fields.next().ok_or("storm clients printed no report");
+        let done: u64 = next()?.parse()?;
+        let failed: u64 = next()?.parse()?;
+        let elapsed: f64 = next()?.parse()?;
+        let client_cpu: f64 = next()?.parse()?;
+        let first_error = fields.collect::<Vec<_>>().join(" ");
+        let per_connect = |cpu: f64| cpu * 1e6 / done.max(1) as f64;
         println!(
-            "storm: {STORM_WORKERS} concurrent clients for {STORM_TIME:?}: {done} full mTLS \
-             connects (CONNECT/CONNACK/DISCONNECT), {:.0}/s, {} failed",
-            done as f64 / STORM_TIME.as_secs_f64(),
-            failed.load(Ordering::Relaxed)
+            "storm: {STORM_WORKERS} clients (child process) for {elapsed:.1} s: {done} full mTLS \
+             connects (CONNECT/CONNACK/DISCONNECT), {:.0}/s, {failed} failed \
+             (first: {first_error})",
+            done as f64 / elapsed
+        );
+        println!(
+            "  CPU per connect: server (edge + engine) {:.0} us, clients {:.0} us; the server \
+             alone on both cores: {:.0}/s; load average before the run: {load}",
+            per_connect(server_cpu),
+            per_connect(client_cpu),
+            2.0 * done as f64 / server_cpu.max(1e-9),
         );
         Ok(())
     }
 
     async fn hold(&self) -> Result<(), Error> {
-        let devices = self.devices("held", HELD)?;
-        let certs = self.dir.join("held.pem");
-        let mut pem = String::new();
-        for c in &devices.certs {
-            pem.push_str(&pem_block("CERTIFICATE", c));
+        // In one process the edge spends three descriptors per device (the device's socket
+        // and both ends of its engine link), and sizes its connection limit to its
+        // descriptor limit: hold what it admits, at most HELD.
+        let admitted = self.edge.max_connections();
+        let count = HELD.min(admitted);
+        if count < HELD {
+            println!(
+                "hold: {HELD} connections need {} descriptors in the server process; with the \
+                 hard limit of this machine ({}) the edge admits {admitted}",
+                3 * HELD,
+                fd_limit()
+            );
         }
-        std::fs::write(&certs, pem)?;
-        let key = self.dir.join("held.key");
-        std::fs::write(&key, pem_block("PRIVATE KEY", devices.key.secret_der()))?;
+        let devices = self.devices("held", count)?;
+        let (certs, key) = self.write_devices("held", &devices)?;
 
         settle().await;
         let before = rss_kib()?;
@@ -493,6 +508,54 @@ impl Bench {
         );
         Ok(())
     }
+
+    /// Writes the devices' certificates (one PEM file) and their shared key for a child.
+    fn write_devices(&self, name: &str, devices: &Devices) -> Result<(PathBuf, PathBuf), Error> {
+        let certs = self.dir.join(format!("{name}.pem"));
+        let mut pem = String::new();
+        for c in &devices.certs {
+            pem.push_str(&pem_block("CERTIFICATE", c));
+        }
+        std::fs::write(&certs, pem)?;
+        let key = self.dir.join(format!("{name}.key"));
+        std::fs::write(&key, pem_block("PRIVATE KEY", devices.key.secret_der()))?;
+        Ok((certs, key))
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one plain struct, zero-initialised here.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one plain struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_max
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {
@@ -560,6 +623,56 @@ async fn handshake_once(connector: &TlsConnector, port: u16, i: usize) -> Result
     Ok(())
 }
 
+/// Child side of `storm`: STORM_WORKERS clients connect and disconnect in a loop for
+/// STORM_TIME, each with its own certificate; prints connects, failures, seconds and the CPU
+/// seconds the clients used.
+async fn storm_clients(args: &[String]) -> Result<(), Error> {
+    let [port, ca, certs, key] = args else {
+        return Err("usage: __storm <port> <ca> <certs> <key>".into());
+    };
+    let port: u16 = port.parse()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let certs: Vec<_> = CertificateDer::pem_file_iter(certs)?.collect::<Result<_, _>>()?;
+    let connectors = certs
+        .into_iter()
+        .map(|cert| client_connector(Path::new(ca), cert, &key))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(parking_lot::Mutex::new(None::<String>));
+    let cpu = cpu_seconds();
+    let start = Instant::now();
+    let until = start + STORM_TIME;
+    let mut workers = Vec::new();
+    for (i, connector) in connectors.into_iter().enumerate() {
+        let (done, failed, first_error) = (done.clone(), failed.clone(), first_error.clone());
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                match handshake_once(&connector, port, i).await {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        first_error.lock().get_or_insert_with(|| e.to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    println!(
+        "{} {} {:.3} {:.3} {}",
+        done.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu,
+        first_error.lock().as_deref().unwrap_or("-")
+    );
+    Ok(())
+}
+
 /// Child side of `hold`: opens every connection, prints how many, holds until stdin closes.
 async fn hold_clients(args: &[String]) -> Result<(), Error> {
     let [port, ca, certs, key] = args else {
@@ -607,7 +720,8 @@ async fn sink_rate(
 ) -> Result<f64, Error> {
     let chain = CertificateDer::pem_file_iter(&server.0)?.collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(&server.1)?;
-    let config = rustls::ServerConfig::builder()
+    let config = rustls::ServerConfig::builder_with_provider(telemon_broker::crypto::provider())
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     let acceptor = TlsAcceptor::from(Arc::new(config));

@@ -8,11 +8,13 @@
 //! without passing the edge.
 //!
 //! - [`pki`]: development CA, device certificates, revocation list.
+//! - [`crypto`]: the TLS crypto provider of the device listener.
 //! - [`acl`]: Mosquitto-style ACL file.
 //! - [`edge`]: the TLS listener, limits and the per-connection packet filter.
 //! - [`engine`]: the embedded rumqttd and its configuration.
 
 pub mod acl;
+pub mod crypto;
 pub mod edge;
 pub mod engine;
 pub mod pki;

@@ -651,7 +651,7 @@ pub fn client_verifier(
         });
     }
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::crypto::provider();
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     if let Some(crl) = crl {
         let crls = read_crls(crl)?;
@@ -1289,7 +1289,7 @@ mod tests {
             roots.add(cert_der(&pki.ca_path())).unwrap();
             Arc::new(roots)
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::crypto::provider();
         let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
             .build()
             .unwrap();

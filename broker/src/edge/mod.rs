@@ -6,6 +6,7 @@
 //! timeout, so idle or slow sockets never delay anyone else's connect.
 
 mod connection;
+mod descriptors;
 mod limits;
 pub mod packet;
 mod tls;
@@ -66,6 +67,7 @@ impl Edge {
             None => Acl::default_devices(),
         };
         let tls = Arc::new(tls::ReloadingAcceptor::new(config.tls.clone())?);
+        let limits = within_descriptors(config.limits.clone());
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -82,7 +84,7 @@ impl Edge {
             engine,
             acl,
             identity: config.identity,
-            limits: limits::LimitState::new(config.limits.clone()),
+            limits: limits::LimitState::new(limits),
             tls: tls.clone(),
             live: Default::default(),
             shutdown: CancellationToken::new(),
@@ -102,11 +104,36 @@ impl Edge {
         self.shared.live.lock().len()
     }
 
+    /// Connections the edge admits at once: the configured limit, or less when the process's
+    /// descriptor limit cannot hold that many.
+    pub fn max_connections(&self) -> usize {
+        self.shared.limits.config.max_connections
+    }
+
     /// Stops accepting and closes every device connection. Devices see a DISCONNECT
     /// (MQTT 5) or a close, and reconnect elsewhere or later with their sessions.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
     }
+}
+
+/// Lowers the connection limit to what the process's descriptors can hold (raising the soft
+/// descriptor limit first), so that a full edge refuses devices before their handshake instead
+/// of starving the engine of descriptors.
+fn within_descriptors(mut limits: Limits) -> Limits {
+    let descriptors = descriptors::raise_limit();
+    let fit = descriptors::connections_within(descriptors);
+    if limits.max_connections > fit {
+        warn!(
+            configured = limits.max_connections,
+            admitted = fit,
+            descriptors,
+            per_connection = descriptors::PER_CONNECTION,
+            "connection limit lowered to what the open file limit holds"
+        );
+        limits.max_connections = fit;
+    }
+    limits
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<connection::Shared>) {
