@@ -310,6 +310,10 @@ async fn main() {
                 broker_acks.load(Ordering::SeqCst),
                 health.snapshot()
             );
+            // Exiting skips the end of main: the broker and its files go here.
+            let _ = mosquitto.kill();
+            let _ = mosquitto.wait();
+            let _ = std::fs::remove_dir_all(&dir);
             std::process::exit(1);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
