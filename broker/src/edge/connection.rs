@@ -29,6 +29,12 @@ use crate::pki::{self, IdentitySource};
 /// holding back a lone packet.
 const MAX_BATCH: usize = 64;
 
+/// Initial size of each of the four relay buffers of a connection (reading and writing, device
+/// and engine side). Most devices send a reading now and then, and a held connection should
+/// cost little: 8 KiB each (the tokio defaults) made a quarter of the memory per connection.
+/// A read buffer grows when a larger packet arrives; a larger write goes past its buffer.
+const RELAY_BUFFER: usize = 2 * 1024;
+
 /// Denials logged at warn level per connection; later ones go to debug so that one
 /// misbehaving device cannot flood the log. All are counted.
 const DENIALS_LOGGED: u32 = 5;
@@ -203,13 +209,14 @@ impl Session {
     {
         let limits = self.shared.limits.config.clone();
         let (rd, wr) = tokio::io::split(tls);
-        let mut client_rx = FramedRead::new(
+        let mut client_rx = FramedRead::with_capacity(
             rd,
             FrameCodec {
                 max_packet_size: limits.max_packet_size,
             },
+            RELAY_BUFFER,
         );
-        let mut client_tx = BufWriter::new(wr);
+        let mut client_tx = BufWriter::with_capacity(RELAY_BUFFER, wr);
 
         let connect = match timeout(limits.connect_timeout, client_rx.next()).await {
             Ok(Some(Ok(frame))) => packet::parse_connect(&frame),
@@ -311,13 +318,14 @@ impl Session {
         let (erd, ewr) = upstream.into_split();
         // The engine is trusted and enforces its own payload limit; this bound only guards
         // against a runaway length field.
-        let mut engine_rx = FramedRead::new(
+        let mut engine_rx = FramedRead::with_capacity(
             erd,
             FrameCodec {
                 max_packet_size: limits.max_packet_size.max(1 << 20) + 1024,
             },
+            RELAY_BUFFER,
         );
-        let mut engine_tx = BufWriter::new(ewr);
+        let mut engine_tx = BufWriter::with_capacity(RELAY_BUFFER, ewr);
         let idle = keep_alive_limit(connect.keep_alive, limits.max_keep_alive);
         let mut deadline = Instant::now() + idle;
         let mut filter = Filter::default();
