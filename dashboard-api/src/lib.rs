@@ -16,11 +16,13 @@ pub mod error;
 pub mod live;
 pub mod openapi;
 pub mod routes;
+mod serve;
+
+pub use serve::serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use telemon_ingest::decode::Decoder;
 use telemon_model::bus::BusConfig;
 use telemon_model::health::Health;
@@ -90,18 +92,4 @@ impl Api {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
-}
-
-/// Serves the API on an open listener until the listener fails.
-///
-/// Nagle's algorithm is off on every connection: a stream event is a small write with nothing
-/// coming back, and Nagle would hold it until the client's delayed ACK (up to 40 ms).
-pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(cause = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).await
 }

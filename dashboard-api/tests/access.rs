@@ -645,3 +645,114 @@ async fn an_open_stream_follows_assignments_and_ends_with_its_session() {
     assert_eq!(end.as_ref().map(|m| m["type"].clone()), Some(json!("end")));
     server.wait_for_clients(0).await;
 }
+
+/// The events of an SSE response body until `n` have come, as (event, id, data) text.
+async fn sse_blocks(resp: reqwest::Response, n: usize) -> Vec<(String, String, String)> {
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events.len() < n {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("events in time")
+            .expect("the stream stays open")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(str::to_string))
+                    .unwrap_or_default()
+            };
+            if !block.starts_with(':') {
+                events.push((field("event: "), field("id: "), field("data: ")));
+            }
+        }
+    }
+    events
+}
+
+/// A stream request that opens a connection is written straight to the socket; one on a
+/// connection that served another request first goes through axum. Both carry the same events
+/// with the same headers, and both refuse a bad token the same way.
+#[tokio::test]
+async fn both_stream_paths_carry_the_same_events() {
+    let server = serve().await;
+    let (ann, _) = server.ward().await;
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let pooled = reqwest::Client::new();
+    let stream_url = format!("{}/api/v1/stream", server.url);
+
+    let direct = fresh
+        .get(&stream_url)
+        .bearer_auth(&ann)
+        .send()
+        .await
+        .unwrap();
+    let health = pooled.get(format!("{}/healthz", server.url)).send().await;
+    health.unwrap().bytes().await.unwrap();
+    let general = pooled
+        .get(&stream_url)
+        .bearer_auth(&ann)
+        .send()
+        .await
+        .unwrap();
+    // hyper stamps every response with a Date header; the direct path does not, which is how
+    // this test knows that each path was taken.
+    assert!(
+        direct.headers().get("date").is_none(),
+        "not served directly"
+    );
+    assert!(
+        general.headers().get("date").is_some(),
+        "not served by axum"
+    );
+    for resp in [&direct, &general] {
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert_eq!(resp.headers()["cache-control"], "no-cache");
+    }
+    server.wait_for_clients(2).await;
+
+    server.publish_reading("bed-2", 90.0);
+    server.publish_reading("bed-1", 80.0);
+    server.publish_alert("p1");
+    let (direct, general) = tokio::join!(sse_blocks(direct, 2), sse_blocks(general, 2));
+    assert_eq!(direct, general);
+    assert_eq!(
+        (direct[0].0.as_str(), direct[1].0.as_str()),
+        ("reading", "alert")
+    );
+    let reading: Value = serde_json::from_str(&direct[0].2).unwrap();
+    assert_eq!(reading["device_id"], "bed-1");
+
+    // Resuming from before the first of them replays both, on either path.
+    let before: u64 = direct[0].1.parse::<u64>().unwrap() - 1;
+    for client in [&fresh, &pooled] {
+        let resumed = client.get(&stream_url).bearer_auth(&ann);
+        let resumed = resumed
+            .header("last-event-id", before.to_string())
+            .send()
+            .await;
+        assert_eq!(sse_blocks(resumed.unwrap(), 2).await, direct);
+    }
+
+    for client in [&fresh, &pooled] {
+        let refused = client
+            .get(&stream_url)
+            .bearer_auth("tms_wrong")
+            .send()
+            .await;
+        let refused = refused.unwrap();
+        assert_eq!(refused.status(), 401);
+        let body: Value = refused.json().await.unwrap();
+        assert!(body["error"].is_string(), "{body}");
+    }
+    server.wait_for_clients(0).await;
+}

@@ -9,7 +9,7 @@ mod ops;
 pub(crate) mod patients;
 mod rules;
 mod session;
-mod stream;
+pub(crate) mod stream;
 
 use axum::routing::get;
 use axum::{Json, Router};

@@ -15,12 +15,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{self, Stream, StreamExt};
+use futures::stream;
+use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
@@ -183,13 +185,6 @@ fn event_name(event: &LiveEvent) -> &'static str {
     }
 }
 
-fn to_sse(event: &LiveEvent) -> Event {
-    Event::default()
-        .id(event.id.to_string())
-        .event(event_name(event))
-        .data(event.json())
-}
-
 /// An event as one WebSocket text message, `{"id", "type", "data"}`.
 fn to_ws(event: &LiveEvent) -> String {
     format!(
@@ -316,8 +311,8 @@ impl Watch {
     }
 }
 
-/// Readings and alert transitions as Server-Sent Events (`reading`, `alert`, `lagged`), with
-/// `Last-Event-ID` resumption and a comment heartbeat.
+/// Readings and alert transitions as Server-Sent Events (`reading`, `alert`, `lagged`, `end`),
+/// with `Last-Event-ID` resumption and a comment heartbeat.
 #[utoipa::path(get, path = "/api/v1/stream", tag = "stream", params(StreamParams),
     responses((status = 200, content_type = "text/event-stream", description = "event stream"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -327,31 +322,116 @@ pub async fn sse(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(params): Query<StreamParams>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
-    let last_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let how = "open event stream";
-    let (missed, lost, watch) = Watch::open(state, access, token, params, how, last_id).await?;
-
-    // Events older than the kept history cannot be replayed: say how many, as for a client
-    // that fell behind, rather than resume with a silent gap.
-    let gap = (lost > 0).then(|| Ok(Event::default().event("lagged").data(lost.to_string())));
-    let replay = stream::iter(gap).chain(stream::iter(missed).map(|e| Ok(to_sse(&e))));
-    let live = stream::unfold(watch, |mut watch| async move {
-        let event = match watch.next().await? {
-            Next::Event(event) => to_sse(&event),
-            Next::Lagged(n) => Event::default().event("lagged").data(n.to_string()),
-            Next::Ended => Event::default()
-                .event("end")
-                .data("credential expired or revoked"),
-        };
-        Some((Ok(event), watch))
-    });
-    let keep_alive = KeepAlive::new().interval(HEARTBEAT).text("heartbeat");
-    Ok(Sse::new(replay.chain(live)).keep_alive(keep_alive))
+) -> Result<Response, HttpError> {
+    let feed = SseFeed::open(state, access, token, params, &headers).await?;
+    let body = Body::from_stream(stream::unfold(feed, |mut feed| async move {
+        let text = feed.next_text().await?;
+        Some((Ok::<_, Infallible>(text), feed))
+    }));
+    Ok((
+        [
+            (CONTENT_TYPE, SSE_CONTENT_TYPE),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
 }
+
+pub(crate) const SSE_CONTENT_TYPE: &str = "text/event-stream";
+/// Events already queued for a client go out in one write, up to this many bytes.
+const COALESCE: usize = 16 * 1024;
+
+/// One client's Server-Sent Events as text, served by axum or written straight to a socket
+/// (see `crate::serve`): events replayed for `Last-Event-ID` first, then live events, and a
+/// heartbeat comment when the stream has been quiet for [`HEARTBEAT`].
+pub(crate) struct SseFeed {
+    replay: Option<String>,
+    watch: Watch,
+    heartbeat: tokio::time::Interval,
+    done: bool,
+}
+
+impl SseFeed {
+    pub(crate) async fn open(
+        state: AppState,
+        access: Access,
+        token: BearerToken,
+        params: StreamParams,
+        headers: &HeaderMap,
+    ) -> Result<SseFeed, HttpError> {
+        let last_id = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let how = "open event stream";
+        let (missed, lost, watch) = Watch::open(state, access, token, params, how, last_id).await?;
+
+        // Events older than the kept history cannot be replayed: say how many, as for a
+        // client that fell behind, rather than resume with a silent gap.
+        let mut replay = String::new();
+        if lost > 0 {
+            push_sse(&mut replay, &Next::Lagged(lost));
+        }
+        for event in missed {
+            push_sse(&mut replay, &Next::Event(event));
+        }
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.reset();
+        Ok(SseFeed {
+            replay: Some(replay).filter(|r| !r.is_empty()),
+            watch,
+            heartbeat,
+            done: false,
+        })
+    }
+
+    /// The next piece of the stream: one or more events, or a heartbeat; `None` at its end.
+    pub(crate) async fn next_text(&mut self) -> Option<String> {
+        if let Some(replay) = self.replay.take() {
+            return Some(replay);
+        }
+        if self.done {
+            return None;
+        }
+        let mut text = String::new();
+        tokio::select! {
+            next = self.watch.next() => self.push(&mut text, &next?),
+            _ = self.heartbeat.tick() => text.push_str(":heartbeat\n\n"),
+        }
+        while !self.done && text.len() < COALESCE {
+            match self.watch.next().now_or_never() {
+                Some(Some(next)) => self.push(&mut text, &next),
+                _ => break,
+            }
+        }
+        self.heartbeat.reset();
+        Some(text)
+    }
+
+    fn push(&mut self, text: &mut String, next: &Next) {
+        push_sse(text, next);
+        self.done |= matches!(next, Next::Ended);
+    }
+}
+
+/// Appends one SSE event. Event data is compact JSON (or a number, or a phrase): one line.
+fn push_sse(text: &mut String, next: &Next) {
+    use std::fmt::Write;
+    let _ = match next {
+        Next::Event(e) => write!(
+            text,
+            "id: {}\nevent: {}\ndata: {}\n\n",
+            e.id,
+            event_name(e),
+            e.json()
+        ),
+        Next::Lagged(n) => write!(text, "event: lagged\ndata: {n}\n\n"),
+        Next::Ended => write!(text, "event: end\ndata: {ENDED}\n\n"),
+    };
+}
+
+const ENDED: &str = "credential expired or revoked";
 
 /// The same events over a WebSocket, as JSON text messages
 /// `{"id", "type": "reading"|"alert", "data"}`, `{"type": "lagged", "missed"}` and
@@ -387,10 +467,7 @@ async fn feed_websocket(mut socket: WebSocket, mut watch: Watch) {
             next = watch.next() => match next {
                 Some(Next::Event(event)) => to_ws(&event),
                 Some(Next::Lagged(n)) => json!({ "type": "lagged", "missed": n }).to_string(),
-                Some(Next::Ended) => json!({
-                    "type": "end",
-                    "reason": "credential expired or revoked",
-                })
+                Some(Next::Ended) => json!({ "type": "end", "reason": ENDED })
                 .to_string(),
                 None => break,
             },
