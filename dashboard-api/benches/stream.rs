@@ -9,6 +9,11 @@
 //! devices, and the rest each following one device. Latency is from a reading entering the
 //! feed to the measured client parsing it (same machine, same clock). Environment:
 //! `CLIENTS` (1000), `RATE` readings/s (10000), `SECONDS` (10).
+//!
+//! Two rounds, each with a fresh server: clients whose stream request opens their connection
+//! (served directly on the socket), then clients that ask for `/healthz` first on the same
+//! connection, so that their stream goes through the general HTTP server (axum and hyper) as a
+//! browser's pooled connection would. The ratios compare the two.
 
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
@@ -98,11 +103,43 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Opens one SSE client; returns the stream once the response headers are in.
-async fn open(port: u16, query: &str) -> tokio::net::TcpStream {
+/// Reads one whole HTTP response with a Content-Length body (the `/healthz` answer).
+async fn read_response(stream: &mut tokio::net::TcpStream) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).await.expect("response");
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        if got.len() >= end + 4 + length {
+            return;
+        }
+    }
+}
+
+/// Opens one SSE client; returns the stream once the response headers are in. With `pooled`,
+/// the connection serves a `/healthz` request first.
+async fn open(port: u16, query: &str, pooled: bool) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
+    if pooled {
+        let health = "GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n";
+        stream.write_all(health.as_bytes()).await.expect("request");
+        read_response(&mut stream).await;
+    }
     let request = format!(
         "GET /api/v1/stream?{query} HTTP/1.1\r\nHost: bench\r\n\
          Authorization: Bearer {TOKEN}\r\n\r\n"
@@ -114,7 +151,82 @@ async fn open(port: u16, query: &str) -> tokio::net::TcpStream {
     stream
 }
 
+/// What one round measured.
+struct Round {
+    latencies: Vec<u64>,
+    delivered: u64,
+    starved: usize,
+    elapsed: f64,
+    rss: [u64; 3],
+}
+
+impl Round {
+    fn percentile(&self, p: f64) -> f64 {
+        let i = ((self.latencies.len() as f64 * p) as usize).min(self.latencies.len() - 1);
+        self.latencies
+            .get(i)
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    }
+
+    fn per_client_kib(&self, count: usize) -> f64 {
+        self.rss[1].saturating_sub(self.rss[0]) as f64 / count as f64
+    }
+
+    fn print(&self, label: &str, count: usize) {
+        let max = self
+            .latencies
+            .last()
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0);
+        println!("  {label}:");
+        println!(
+            "    measured client (10 devices): {} events, p50 {:.2} ms, p99 {:.2} ms, \
+             max {max:.2} ms",
+            self.latencies.len(),
+            self.percentile(0.50),
+            self.percentile(0.99),
+        );
+        println!(
+            "    all clients: {} events delivered ({:.0}/s), {} of {} background clients got none",
+            self.delivered,
+            self.delivered as f64 / self.elapsed,
+            self.starved,
+            count - 1
+        );
+        println!(
+            "    server RSS: {} KiB idle, {} KiB holding clients, {} KiB under load; \
+             {:.1} KiB per held client",
+            self.rss[0],
+            self.rss[1],
+            self.rss[2],
+            self.per_client_kib(count)
+        );
+    }
+}
+
 async fn clients() {
+    let count = env("CLIENTS", 1000) as usize;
+    let rate = env("RATE", 10_000);
+    let seconds = env("SECONDS", 10);
+    println!("stream fan-out: {count} SSE clients, {rate} readings/s for {seconds} s");
+    let direct = round(false).await;
+    direct.print(
+        "stream requests opening their connection (served directly)",
+        count,
+    );
+    let pooled = round(true).await;
+    pooled.print(
+        "stream requests after /healthz on the connection (axum)",
+        count,
+    );
+    println!(
+        "  direct / axum: p99 {:.2}, memory per client {:.2}",
+        direct.percentile(0.99) / pooled.percentile(0.99),
+        direct.per_client_kib(count) / pooled.per_client_kib(count)
+    );
+}
+
+/// Starts a server, holds the clients, feeds readings and measures.
+async fn round(pooled: bool) -> Round {
     let exe = std::env::current_exe().expect("own path");
     let mut child = Command::new(exe)
         .env("STREAM_BENCH_SERVER", "1")
@@ -134,25 +246,26 @@ async fn clients() {
 
     let count = env("CLIENTS", 1000) as usize;
     let fed: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
+    let mut held = Vec::new();
     for i in 1..count {
-        let stream = open(port, &format!("device=bed-{}", i % DEVICES)).await;
+        let stream = open(port, &format!("device=bed-{}", i % DEVICES), pooled).await;
         let fed = fed.clone();
-        tokio::spawn(async move { drain(stream, &fed[i]).await });
+        held.push(tokio::spawn(async move { drain(stream, &fed[i]).await }));
     }
     let measured = open(
         port,
         "device=bed-0,bed-1,bed-2,bed-3,bed-4,bed-5,bed-6,bed-7,bed-8,bed-9",
+        pooled,
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_held = rss_kib(pid);
 
     let seconds = env("SECONDS", 10);
-    let rate = env("RATE", 10_000);
     let mut stdin = child.stdin.take().expect("server stdin");
     writeln!(stdin, "go").expect("start the feed");
     let started = Instant::now();
-    let latencies = measure(measured, &fed[0], Duration::from_secs(seconds)).await;
+    let mut latencies = measure(measured, &fed[0], Duration::from_secs(seconds)).await;
     let rss_loaded = rss_kib(pid);
     let elapsed = started.elapsed().as_secs_f64();
     let starved = fed[1..]
@@ -162,34 +275,20 @@ async fn clients() {
     let delivered: u64 = fed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     let _ = child.kill();
     let _ = child.wait();
+    let server_dir = std::env::temp_dir().join(format!("telemon-stream-bench-{pid}"));
+    let _ = std::fs::remove_dir_all(server_dir);
+    for client in held {
+        client.abort();
+    }
 
-    let mut sorted = latencies;
-    sorted.sort_unstable();
-    let pct = |p: f64| {
-        sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-    };
-    let ms = |v: Option<&u64>| v.map(|us| *us as f64 / 1000.0).unwrap_or(f64::NAN);
-    println!("stream fan-out: {count} SSE clients, {rate} readings/s for {seconds} s");
-    println!(
-        "  measured client (10 devices, {} readings/s): {} events, \
-         p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        rate / 10,
-        sorted.len(),
-        ms(pct(0.50)),
-        ms(pct(0.99)),
-        ms(sorted.last())
-    );
-    println!(
-        "  all clients: {delivered} events delivered ({:.0}/s), \
-         {starved} of {} background clients got none",
-        delivered as f64 / elapsed,
-        count - 1
-    );
-    println!(
-        "  server RSS: {rss_before} KiB idle, {rss_held} KiB holding clients, \
-         {rss_loaded} KiB under load; {:.1} KiB per held client",
-        (rss_held.saturating_sub(rss_before)) as f64 / count as f64
-    );
+    latencies.sort_unstable();
+    Round {
+        latencies,
+        delivered,
+        starved,
+        elapsed,
+        rss: [rss_before, rss_held, rss_loaded],
+    }
 }
 
 /// Reads a client's stream, counting events.
