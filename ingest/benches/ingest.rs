@@ -1,12 +1,15 @@
 //! Ingest throughput: readings committed per second from MQTT publish to committed row,
 //! against raw COPY of the same rows into the same table, in the same run.
 //!
-//! A private Mosquitto (10,000 messages in flight per session) on a free port; the ingest
-//! service in this process at QoS 1 with a persistent session, writing to a fresh PostgreSQL
-//! database; a publisher sending one reading per message for 100 devices over one connection,
-//! as fast as the broker acknowledges (up to 1,000 unacknowledged). The clock runs from the
-//! first publish to the acknowledgement (after commit) of the last message. Then the same readings are COPYed straight into `readings` of a second fresh
-//! database.
+//! Two rounds, each into a fresh PostgreSQL database, with the ingest service in this process
+//! at QoS 1 with a persistent session: behind a private Mosquitto (10,000 messages in flight
+//! per session), as `telemon ingest` runs against an external broker; then behind telemon's
+//! own engine (rumqttd, in this process), as in `telemon up`. A publisher sends one reading per
+//! message for 100 devices over one connection, as fast as the broker acknowledges (up to
+//! 1,000 unacknowledged). The clock runs from the first publish to the acknowledgement (after
+//! commit) of the last message. Then the same readings are COPYed straight into `readings` of
+//! a fresh database. If ingest stalls, a second session with the same client id shows whether
+//! the broker still held the missing messages.
 //!
 //!     TELEMON_TEST_DATABASE_URL=postgres://... cargo bench -p telemon-ingest --bench ingest
 
@@ -16,10 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use telemon_broker::edge::packet::Protocol;
+use telemon_broker::engine::{Engine, EngineSettings, ENGINE_USER};
 use telemon_ingest::decode::Decoder;
 use telemon_ingest::service::{self, IngestSettings};
 use telemon_model::bus::BusConfig;
-use telemon_model::health::Health;
+use telemon_model::health::{Health, Status};
 use telemon_model::{DeviceId, Reading, Value};
 use telemon_store::{ReadingQuery, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,19 +118,29 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn connect(port: u16) -> Publisher {
+    async fn connect(port: u16, credentials: Option<(&str, &str)>) -> Publisher {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connecting the publisher");
         stream.set_nodelay(true).expect("TCP_NODELAY");
         let (mut reader, mut writer) = stream.into_split();
 
-        // CONNECT: protocol "MQTT" level 4, clean session, keepalive 60 s.
-        let id = b"bench-publisher";
-        let mut connect = vec![0x10, (10 + 2 + id.len()) as u8];
-        connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
-        connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        connect.extend_from_slice(id);
+        // CONNECT: protocol "MQTT" level 4, clean session, keepalive 60 s, and a user name
+        // and password when the broker wants them.
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+        let field = |body: &mut Vec<u8>, bytes: &[u8]| {
+            body.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            body.extend_from_slice(bytes);
+        };
+        field(&mut body, b"bench-publisher");
+        if let Some((user, password)) = credentials {
+            body[7] |= 0xC0;
+            field(&mut body, user.as_bytes());
+            field(&mut body, password.as_bytes());
+        }
+        let mut connect = vec![0x10];
+        encode_length(&mut connect, body.len());
+        connect.extend_from_slice(&body);
         writer.write_all(&connect).await.expect("sending CONNECT");
         let mut connack = [0u8; 4];
         reader
@@ -177,9 +192,8 @@ impl Publisher {
     }
 }
 
-fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
-    out.push(0x32);
-    let mut remaining = 2 + topic.len() + 2 + payload.len();
+/// MQTT's variable-length "remaining length".
+fn encode_length(out: &mut Vec<u8>, mut remaining: usize) {
     loop {
         let byte = (remaining % 128) as u8;
         remaining /= 128;
@@ -188,6 +202,11 @@ fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
             break;
         }
     }
+}
+
+fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
+    out.push(0x32);
+    encode_length(out, 2 + topic.len() + 2 + payload.len());
     out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     out.extend_from_slice(topic.as_bytes());
     out.extend_from_slice(&pkid.to_be_bytes());
@@ -236,42 +255,39 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-#[tokio::main]
-async fn main() {
-    let Ok(admin) = std::env::var("TELEMON_TEST_DATABASE_URL") else {
-        eprintln!("set TELEMON_TEST_DATABASE_URL to a PostgreSQL server to run this benchmark");
-        std::process::exit(2);
-    };
-    let dir = std::env::temp_dir().join(format!("telemon-bench-ingest-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
+/// The broker of one round.
+struct Broker {
+    name: &'static str,
+    port: u16,
+    bus: BusConfig,
+    credentials: Option<(String, String)>,
+    /// The broker's own process, when it has one, for its CPU time.
+    pid: Option<u32>,
+}
 
-    let port = free_port();
-    let config = dir.join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n\
-             max_inflight_messages 10000\n"
-        ),
-    )
-    .expect("writing mosquitto.conf");
-    let mut mosquitto = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting mosquitto (apt-get install mosquitto)");
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// What one round measured.
+struct Round {
+    stored: usize,
+    published: Duration,
+    broker_acked: Duration,
+    committed: Duration,
+    cpu_broker: f64,
+    cpu_here: f64,
+}
+
+impl Round {
+    fn rate(&self) -> f64 {
+        READINGS as f64 / self.committed.as_secs_f64()
     }
+}
 
-    let store = fresh(&admin, "pipeline").await;
-    let bus = BusConfig::from_url(&format!("mqtt://127.0.0.1:{port}")).expect("broker URL");
+/// Ingest into a fresh database behind `broker`, the publisher flat out, until every message
+/// is committed and acknowledged. Exits the process if ingest stalls for 30 s.
+async fn round(broker: &Broker, store: Store, dir: &std::path::Path, start_ms: i64) -> Round {
     let health = Health::default();
-    let settings = IngestSettings::new(dir.join("spool"));
+    let settings = IngestSettings::new(dir.join(format!("spool-{}", broker.name)));
     let ingest = service::start(
-        bus,
+        broker.bus.clone(),
         settings,
         Arc::new(Decoder::native_only()),
         store.clone(),
@@ -279,14 +295,31 @@ async fn main() {
     )
     .await
     .expect("starting ingest");
-    while !health.live() {
+    // Ready once the broker has taken the subscriptions (before that, `live` holds vacuously:
+    // nothing has registered yet, and a message published then would reach no one).
+    let subscribed = || {
+        let snapshot = health.snapshot();
+        snapshot
+            .get("ingest")
+            .is_some_and(|c| c.status == Status::Ok)
+    };
+    while !subscribed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let start_ms = Utc::now().timestamp_millis() - 3_600_000;
-    let publisher = Publisher::connect(port).await;
+    let credentials = broker
+        .credentials
+        .as_ref()
+        .map(|(u, p)| (u.as_str(), p.as_str()));
+    let publisher = Publisher::connect(broker.port, credentials).await;
     let broker_acks = publisher.acked.clone();
-    let cpu_before = (cpu_seconds(mosquitto.id()), cpu_seconds(std::process::id()));
+    let cpu = || {
+        (
+            broker.pid.map_or(0.0, cpu_seconds),
+            cpu_seconds(std::process::id()),
+        )
+    };
+    let cpu_before = cpu();
     let started = Instant::now();
     publisher.publish_all(start_ms).await;
     let published = started.elapsed();
@@ -303,33 +336,116 @@ async fn main() {
         }
         if last.1.elapsed() > Duration::from_secs(30) {
             eprintln!(
-                "ingest stalled at {acknowledged} of {READINGS}, {} in flight, {} acknowledged \
-                 by the broker (published in {published:?}, \
-                 health {:?})",
+                "{}: ingest stalled at {acknowledged} of {READINGS}, {} in flight, {} \
+                 acknowledged by the broker (published in {published:?}, health {:?})",
+                broker.name,
                 ingest.in_flight(),
                 broker_acks.load(Ordering::SeqCst),
                 health.snapshot()
             );
-            // Exiting skips the end of main: the broker and its files go here.
-            let _ = mosquitto.kill();
-            let _ = mosquitto.wait();
-            let _ = std::fs::remove_dir_all(&dir);
+            // Whether the broker still holds the missing messages: a new session with the
+            // same client id takes the old one over and is sent what it had not delivered.
+            let again = service::start(
+                broker.bus.clone(),
+                IngestSettings::new(dir.join(format!("spool-{}-again", broker.name))),
+                Arc::new(Decoder::native_only()),
+                store.clone(),
+                Health::default(),
+            )
+            .await
+            .expect("starting ingest again");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            eprintln!(
+                "a new ingest session then received and committed {} more; rows stored: {}",
+                again.acknowledged(),
+                stored_rows(&store).await
+            );
             std::process::exit(1);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let committed = started.elapsed();
-    let cpu = (
-        cpu_seconds(mosquitto.id()) - cpu_before.0,
-        cpu_seconds(std::process::id()) - cpu_before.1,
-    );
+    let cpu_after = cpu();
+
+    // The broker may forward the last message before the publisher has read its PUBACK.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while broker_acks.load(Ordering::SeqCst) < READINGS as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         broker_acks.load(Ordering::SeqCst),
         READINGS as u64,
         "every publish acknowledged by the broker"
     );
-    let pipeline = READINGS as f64 / committed.as_secs_f64();
-    let stored = stored_rows(&store).await;
+    Round {
+        stored: stored_rows(&store).await,
+        published,
+        broker_acked: broker_acked.unwrap_or(committed),
+        committed,
+        cpu_broker: cpu_after.0 - cpu_before.0,
+        cpu_here: cpu_after.1 - cpu_before.1,
+    }
+}
+
+fn start_mosquitto(dir: &std::path::Path) -> (std::process::Child, u16) {
+    let port = free_port();
+    let config = dir.join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n\
+             max_inflight_messages 10000\n"
+        ),
+    )
+    .expect("writing mosquitto.conf");
+    let mosquitto = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting mosquitto (apt-get install mosquitto)");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (mosquitto, port)
+}
+
+#[tokio::main]
+async fn main() {
+    let Ok(admin) = std::env::var("TELEMON_TEST_DATABASE_URL") else {
+        eprintln!("set TELEMON_TEST_DATABASE_URL to a PostgreSQL server to run this benchmark");
+        std::process::exit(2);
+    };
+    let dir = std::env::temp_dir().join(format!("telemon-bench-ingest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let start_ms = Utc::now().timestamp_millis() - 3_600_000;
+
+    // Round 1: behind Mosquitto, as `telemon ingest` runs against an external broker.
+    let (mut mosquitto, port) = start_mosquitto(&dir);
+    let broker = Broker {
+        name: "Mosquitto",
+        port,
+        bus: BusConfig::from_url(&format!("mqtt://127.0.0.1:{port}")).expect("broker URL"),
+        credentials: None,
+        pid: Some(mosquitto.id()),
+    };
+    let behind_mosquitto = round(&broker, fresh(&admin, "mosquitto").await, &dir, start_ms).await;
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
+
+    // Round 2: behind telemon's own engine, as in `telemon up` (the engine runs in this
+    // process, so its CPU is counted with the publisher's and ingest's).
+    let engine = Engine::start(&EngineSettings::default()).expect("starting the engine");
+    let bus = engine.bus();
+    let broker = Broker {
+        name: "telemon engine",
+        port: engine.addr(Protocol::V311).port(),
+        credentials: Some((ENGINE_USER.to_string(), engine.secret().to_string())),
+        bus,
+        pid: None,
+    };
+    let behind_engine = round(&broker, fresh(&admin, "engine").await, &dir, start_ms).await;
 
     // Raw COPY twice, into a fresh database each time, and the faster counts: the ratio
     // errs against the pipeline when the machine is busy.
@@ -345,27 +461,29 @@ async fn main() {
     }
 
     println!("readings: {READINGS} from {DEVICES} devices, one per QoS 1 message");
-    println!("rows stored by the pipeline: {stored}");
-    let broker_acked = broker_acked.unwrap_or(committed);
-    println!(
-        "publisher: queued in {:.2} s, all acknowledged by the broker in {:.2} s, \
-         last committed at {:.2} s",
-        published.as_secs_f64(),
-        broker_acked.as_secs_f64(),
-        committed.as_secs_f64()
-    );
-    println!(
-        "CPU meanwhile: Mosquitto {:.2} s, this process (publisher and ingest) {:.2} s",
-        cpu.0, cpu.1
-    );
-    println!("MQTT publish -> committed row: {pipeline:>10.0} readings/s");
-    println!("raw COPY, same rows and table: {raw:>10.0} readings/s");
-    println!(
-        "ratio:                         {:>10.1}%",
-        100.0 * pipeline / raw
-    );
-
-    let _ = mosquitto.kill();
-    let _ = mosquitto.wait();
+    for (name, r) in [
+        ("Mosquitto", &behind_mosquitto),
+        ("telemon engine", &behind_engine),
+    ] {
+        println!("behind {name}:");
+        println!("  rows stored: {}", r.stored);
+        println!(
+            "  publisher: queued in {:.2} s, all acknowledged by the broker in {:.2} s, \
+             last committed at {:.2} s",
+            r.published.as_secs_f64(),
+            r.broker_acked.as_secs_f64(),
+            r.committed.as_secs_f64()
+        );
+        println!(
+            "  CPU meanwhile: broker process {:.2} s, this process {:.2} s",
+            r.cpu_broker, r.cpu_here
+        );
+        println!(
+            "  MQTT publish -> committed row: {:>8.0} readings/s, {:.1}% of raw COPY",
+            r.rate(),
+            100.0 * r.rate() / raw
+        );
+    }
+    println!("raw COPY, same rows and table:   {raw:>8.0} readings/s");
     let _ = std::fs::remove_dir_all(&dir);
 }

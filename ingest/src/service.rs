@@ -52,6 +52,11 @@ pub struct IngestSettings {
     pub batch_size: usize,
     /// Longest a message waits for its batch to fill: bounds the latency added to storage.
     pub batch_delay: Duration,
+    /// A batch also closes when no message has come for this long. A broker sends only so
+    /// many unacknowledged messages (rumqttd 100 per connection, Mosquitto 20 by default)
+    /// and then waits for acknowledgements, which come only once the batch is committed:
+    /// waiting out `batch_delay` then would idle both sides.
+    pub batch_quiet: Duration,
     pub spool_dir: PathBuf,
     /// Disk the spool may use before ingest stops acknowledging (and the broker holds on).
     pub spool_max_bytes: u64,
@@ -64,6 +69,7 @@ impl IngestSettings {
             shared_group: None,
             batch_size: 2_000,
             batch_delay: Duration::from_millis(20),
+            batch_quiet: Duration::from_millis(2),
             spool_dir,
             spool_max_bytes: 1 << 30,
         }
@@ -413,8 +419,9 @@ impl Batcher {
     /// committed and acknowledged one after another, in the order they arrived.
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Received>) {
         let mut last_drain = Instant::now();
-        let (size, delay) = (self.settings.batch_size, self.settings.batch_delay);
-        let (mut carried, mut closed) = collect(&mut rx, size, delay).await;
+        let size = self.settings.batch_size;
+        let limits = (self.settings.batch_delay, self.settings.batch_quiet);
+        let (mut carried, mut closed) = collect(&mut rx, size, limits).await;
         loop {
             let mut batch = Batch::default();
             for message in carried.drain(..) {
@@ -432,9 +439,9 @@ impl Batcher {
                 if closed {
                     return;
                 }
-                (carried, closed) = collect(&mut rx, size, delay).await;
+                (carried, closed) = collect(&mut rx, size, limits).await;
             } else {
-                let next = collect(&mut rx, size, delay);
+                let next = collect(&mut rx, size, limits);
                 ((), (carried, closed)) = tokio::join!(self.commit(batch), next);
             }
 
@@ -630,10 +637,12 @@ impl Batcher {
 
 /// Up to `size` messages: waits up to a second for the first (so that the caller gets to
 /// its periodic work), then up to `delay` for the rest. Also says whether the channel closed.
+/// Up to `size` messages: waits up to 1 s for the first, then until `delay` has passed since
+/// it or no message has come for `quiet`. Also returns whether the sender is gone.
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<Received>,
     size: usize,
-    delay: Duration,
+    (delay, quiet): (Duration, Duration),
 ) -> (Vec<Received>, bool) {
     let mut out = Vec::new();
     match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
@@ -643,7 +652,8 @@ async fn collect(
     }
     let deadline = tokio::time::Instant::now() + delay;
     while out.len() < size {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
+        let wait = deadline.min(tokio::time::Instant::now() + quiet);
+        match tokio::time::timeout_at(wait, rx.recv()).await {
             Ok(Some(message)) => out.push(message),
             Ok(None) => return (out, true),
             Err(_) => break,
