@@ -284,9 +284,17 @@ impl LoginLimiter {
         }
     }
 
-    /// A successful login clears the name's count (not the address's).
-    pub fn succeeded(&self, user: &str) {
-        self.failures.lock().remove(&format!("user:{user}"));
+    /// A successful login clears the name's count and gives the address back the attempt it
+    /// took: a shared ward computer (or every user behind one proxy) must not run out of
+    /// logins by logging in, only by failing.
+    pub fn succeeded(&self, user: &str, addr: Option<IpAddr>) {
+        let mut failures = self.failures.lock();
+        failures.remove(&format!("user:{user}"));
+        if let Some(addr) = addr {
+            if let Some((_, n)) = failures.get_mut(&format!("addr:{addr}")) {
+                *n = n.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -392,10 +400,32 @@ mod tests {
             limiter.blocked("carol", Some("10.0.0.2".parse().unwrap())),
             None
         );
-        limiter.succeeded("ann");
+        limiter.succeeded("ann", None);
         assert_eq!(
             limiter.blocked("ann", Some("10.0.0.2".parse().unwrap())),
             None
+        );
+    }
+
+    #[test]
+    fn successful_logins_do_not_spend_the_address_budget() {
+        let limiter = LoginLimiter::default();
+        let ward_pc: IpAddr = "10.0.0.9".parse().unwrap();
+        for i in 0..PER_ADDRESS * 3 {
+            let user = format!("nurse{}", i % 4);
+            assert_eq!(
+                limiter.attempt(&user, Some(ward_pc)),
+                None,
+                "login {i} refused"
+            );
+            limiter.succeeded(&user, Some(ward_pc));
+        }
+        for i in 0..PER_ADDRESS {
+            assert_eq!(limiter.attempt(&format!("guess{i}"), Some(ward_pc)), None);
+        }
+        assert!(
+            limiter.attempt("nurse0", Some(ward_pc)).is_some(),
+            "failures still count"
         );
     }
 }

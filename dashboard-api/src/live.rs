@@ -347,7 +347,7 @@ impl Live {
             .collect();
         let next = self.0.next_id.load(Ordering::Relaxed);
         let first_kept = feed.history.front().map_or(next, |e| e.id);
-        let lost = first_kept.saturating_sub(last + 1);
+        let lost = first_kept.saturating_sub(last.saturating_add(1));
         (missed, lost, subscription)
     }
 

@@ -11,8 +11,12 @@
 //! which answers it (with its 4xx) exactly as before. Streams on a connection that carried
 //! other requests first go through axum too.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::connect_info::ConnectInfo;
@@ -20,9 +24,10 @@ use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, Request, Version};
 use axum::serve::{Listener, ListenerExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use telemon_model::metrics;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
 
 use crate::access::Access;
@@ -34,10 +39,16 @@ use crate::{routes, AppState};
 const MAX_HEAD: usize = 4096;
 /// A connection that sends nothing this long is handed to axum, whose timeouts apply.
 const FIRST_BYTES: Duration = Duration::from_secs(10);
-/// A stream client that takes no data for this long is cut off rather than held.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection that makes no progress either way for this long is closed: an idle
+/// keep-alive connection, a request head that never completes, a stream client that takes
+/// no data. Streams send a heartbeat well inside it.
+const STALLED: Duration = Duration::from_secs(30);
 /// Connections accepted but not yet taken by axum; accepting waits when it is full.
 const HANDOFF_QUEUE: usize = 1024;
+/// At most this many HTTP connections at once (fewer under a low open-file limit): the
+/// descriptors they use are shared with the device edge, ingest's spool and the store, which
+/// idle HTTP clients must not be able to starve.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// Serves the API on an open listener; returns only if axum's server stops.
 ///
@@ -46,7 +57,8 @@ const HANDOFF_QUEUE: usize = 1024;
 pub async fn serve(listener: TcpListener, state: AppState) -> io::Result<()> {
     let local_addr = listener.local_addr()?;
     let (handoff, incoming) = mpsc::channel(HANDOFF_QUEUE);
-    tokio::spawn(accept(listener, state.clone(), handoff));
+    let slots = Arc::new(Semaphore::new(connection_limit()));
+    tokio::spawn(accept(listener, state.clone(), handoff, slots));
     // Through `tap_io`, axum gives handlers the peer address of any listener's connections.
     let incoming = Incoming {
         incoming,
@@ -57,17 +69,31 @@ pub async fn serve(listener: TcpListener, state: AppState) -> io::Result<()> {
     axum::serve(incoming, app).await
 }
 
+/// [`MAX_CONNECTIONS`], or a quarter of the open-file limit when that is lower.
+fn connection_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if got != 0 {
+        return MAX_CONNECTIONS;
+    }
+    MAX_CONNECTIONS.min((limit.rlim_cur / 4).max(16) as usize)
+}
+
 /// The connections axum serves: all but the direct streams.
 struct Incoming {
-    incoming: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    incoming: mpsc::Receiver<(Guarded, SocketAddr)>,
     local_addr: SocketAddr,
 }
 
 impl Listener for Incoming {
-    type Io = TcpStream;
+    type Io = Guarded;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+    async fn accept(&mut self) -> (Guarded, SocketAddr) {
         match self.incoming.recv().await {
             Some(connection) => connection,
             // The accept loop never ends; if it did, there is nothing more to serve.
@@ -83,8 +109,14 @@ impl Listener for Incoming {
 async fn accept(
     listener: TcpListener,
     state: AppState,
-    handoff: mpsc::Sender<(TcpStream, SocketAddr)>,
+    handoff: mpsc::Sender<(Guarded, SocketAddr)>,
+    slots: Arc<Semaphore>,
 ) {
+    let refused = metrics::counter(
+        "telemon_api_connections_refused_total",
+        "HTTP connections closed at once because the connection limit was reached.",
+        &[],
+    );
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(connection) => connection,
@@ -93,13 +125,18 @@ async fn accept(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused.inc();
+            debug!(%peer, "HTTP connection limit reached; closing");
+            continue;
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(cause = %e, "could not set TCP_NODELAY");
         }
         let (state, handoff) = (state.clone(), handoff.clone());
         tokio::spawn(async move {
             if let Some(tcp) = serve_stream(tcp, peer, state).await {
-                let _ = handoff.send((tcp, peer)).await;
+                let _ = handoff.send((Guarded::new(tcp, slot), peer)).await;
             }
         });
     }
@@ -228,9 +265,109 @@ async fn write_stream(mut tcp: TcpStream, head_len: usize, mut feed: SseFeed) {
 
 async fn write_all(to: &mut tokio::net::tcp::WriteHalf<'_>, bytes: &[u8]) -> bool {
     matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, to.write_all(bytes)).await,
+        tokio::time::timeout(STALLED, to.write_all(bytes)).await,
         Ok(Ok(()))
     )
+}
+
+/// A connection served by axum, closed with `TimedOut` once it makes no progress either way
+/// for [`STALLED`] (hyper, as axum runs it, has no timeouts of its own), and holding its slot
+/// under the connection limit until it is dropped.
+struct Guarded {
+    tcp: TcpStream,
+    stalled: Pin<Box<tokio::time::Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Guarded {
+    fn new(tcp: TcpStream, slot: OwnedSemaphorePermit) -> Guarded {
+        Guarded {
+            tcp,
+            stalled: Box::pin(tokio::time::sleep(STALLED)),
+            _slot: slot,
+        }
+    }
+
+    fn progressed(&mut self) {
+        let deadline = tokio::time::Instant::now() + STALLED;
+        self.stalled.as_mut().reset(deadline);
+    }
+
+    /// What a pending read or write turns into: still pending, or an error once stalled.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.progressed();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_write(cx, bytes) {
+            Poll::Ready(result) => {
+                if matches!(result, Ok(n) if n > 0) {
+                    this.progressed();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs) {
+            Poll::Ready(result) => {
+                if matches!(result, Ok(n) if n > 0) {
+                    this.progressed();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +376,31 @@ mod tests {
 
     fn peer() -> SocketAddr {
         "127.0.0.1:5000".parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_makes_no_progress_is_closed_and_frees_its_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let slots = Arc::new(Semaphore::new(1));
+        let mut guarded = Guarded::new(server, slots.clone().try_acquire_owned().unwrap());
+
+        // The client sends a little, then nothing: the read after it times out.
+        let mut client = client;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 16);
+        let started = tokio::time::Instant::now();
+        let err = guarded.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= STALLED);
+
+        assert_eq!(slots.available_permits(), 0);
+        drop(guarded);
+        assert_eq!(slots.available_permits(), 1, "the slot is free again");
     }
 
     #[test]

@@ -426,6 +426,16 @@ async fn streams_carry_only_the_clinicians_patients() {
         (Some("alert"), Some("p1"))
     );
     ws.close(None).await.unwrap();
+    // The server completes the closing handshake instead of dropping the connection.
+    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let reply = reply.expect("the server answers the close");
+    assert!(
+        matches!(
+            reply,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | None
+        ),
+        "{reply:?}"
+    );
 }
 
 #[tokio::test]

@@ -68,7 +68,7 @@ pub async fn login(
         return Err(HttpError::LoginFailed);
     };
     let role = Role::parse(&user.role).ok_or(HttpError::LoginFailed)?;
-    limiter.succeeded(&request.user);
+    limiter.succeeded(&request.user, addr);
 
     let token = auth::new_token(auth::SESSION_PREFIX);
     let now = Utc::now();

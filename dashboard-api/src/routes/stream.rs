@@ -47,6 +47,8 @@ const RECHECK: Duration = Duration::from_secs(30);
 const WS_READ_BUFFER: usize = 4 * 1024;
 const WS_WRITE_BUFFER: usize = 4 * 1024;
 const WS_MAX_MESSAGE: usize = 16 * 1024;
+/// How long the WebSocket closing handshake may take before the connection is dropped.
+const CLOSING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -469,7 +471,11 @@ async fn feed_websocket(mut socket: WebSocket, mut watch: Watch) {
                 Some(Next::Lagged(n)) => json!({ "type": "lagged", "missed": n }).to_string(),
                 Some(Next::Ended) => json!({ "type": "end", "reason": ENDED })
                 .to_string(),
-                None => break,
+                // The feed is gone or the stream ended: close as a WebSocket should.
+                None => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    break;
+                }
             },
             _ = heartbeat.tick() => {
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
@@ -479,7 +485,14 @@ async fn feed_websocket(mut socket: WebSocket, mut watch: Watch) {
             }
             incoming = socket.recv() => match incoming {
                 // The client has nothing to say but control frames; axum answers pings.
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                // Its close frame gets the closing handshake's reply before the socket goes.
+                Some(Ok(Message::Close(_))) => {
+                    // The reply is queued by the protocol and written while reading on.
+                    let finish = async { while socket.recv().await.is_some() {} };
+                    let _ = tokio::time::timeout(CLOSING, finish).await;
+                    break;
+                }
+                None | Some(Err(_)) => break,
                 Some(Ok(_)) => continue,
             },
         };
