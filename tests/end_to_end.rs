@@ -73,6 +73,22 @@ async fn main_job(database_url: Option<&str>) {
     })
     .await;
 
+    // A burst of readings without timestamps, many received within one microsecond: each is
+    // a different reading, none may be taken for a redelivery of another.
+    let (crt8, key8) = up.issue("burst-1");
+    // (A metric no rule watches, so that the alerts below are bed-7's alone.)
+    let burst: String = (1..=200)
+        .map(|v| format!("{{\"counter\": {v}}}\n"))
+        .collect();
+    let (ok, err) = up.mosquitto_pub_lines((&crt8, &key8), "devices/burst-1/telemetry", &burst);
+    assert!(ok, "mosquitto_pub -l failed: {err}");
+    let path = "/api/v1/devices/burst-1/readings?metric=counter&limit=1000";
+    eventually("all 200 readings of the burst stored", WITHIN, || async {
+        let (_, body) = get(&up, path, Some(&token)).await;
+        (body.as_array().map(|a| a.len()) == Some(200)).then_some(())
+    })
+    .await;
+
     // Without a token, both endpoints refuse.
     for path in ["/api/v1/devices/bed-7/readings", "/api/v1/stream"] {
         let (status, _) = get(&up, path, None).await;

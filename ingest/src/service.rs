@@ -13,6 +13,7 @@
 //! gone, its acknowledgement is dropped and the broker's redelivery, deduplicated by storage,
 //! is acknowledged instead.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -242,7 +243,11 @@ async fn run(
         eventloop,
         client.clone(),
         filters,
-        Feed { tx, received },
+        Feed {
+            tx,
+            received,
+            last_stamp: Cell::new(DateTime::<Utc>::MIN_UTC),
+        },
         health.clone(),
         spooling.clone(),
         connection.clone(),
@@ -276,6 +281,7 @@ struct Received {
 struct Feed {
     tx: mpsc::UnboundedSender<Received>,
     received: Arc<AtomicU64>,
+    last_stamp: Cell<DateTime<Utc>>,
 }
 
 impl Feed {
@@ -284,10 +290,21 @@ impl Feed {
         self.received.fetch_add(1, Ordering::SeqCst);
         let message = Received {
             publish,
-            at: Utc::now(),
+            at: self.receive_time(),
             connection,
         };
         self.tx.send(message).is_ok()
+    }
+
+    /// Now, but at least a microsecond after the last message. A reading without a timestamp
+    /// of its own is stamped with its receive time, and storage keeps one reading per device,
+    /// metric and time: two different readings received within a microsecond (a burst from
+    /// one device) must not look like one reading delivered twice.
+    fn receive_time(&self) -> DateTime<Utc> {
+        let next = self.last_stamp.get() + chrono::Duration::microseconds(1);
+        let at = Utc::now().max(next);
+        self.last_stamp.set(at);
+        at
     }
 }
 

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -223,6 +223,37 @@ impl Up {
             cmd.arg("--cert").arg(crt).arg("--key").arg(key);
         }
         let out = cmd.output().expect("running mosquitto_pub");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Publishes each line of `lines` as one message over one connection (`mosquitto_pub
+    /// -l`), as fast as the broker takes them; returns whether it succeeded, and its stderr.
+    pub fn mosquitto_pub_lines(
+        &self,
+        (crt, key): (&Path, &Path),
+        topic: &str,
+        lines: &str,
+    ) -> (bool, String) {
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args(["-q", "1", "-l", "-t", topic])
+            .arg("--cafile")
+            .arg(self.ca())
+            .arg("--cert")
+            .arg(crt)
+            .arg("--key")
+            .arg(key)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running mosquitto_pub");
+        let mut stdin = child.stdin.take().expect("mosquitto_pub stdin");
+        stdin.write_all(lines.as_bytes()).expect("writing lines");
+        drop(stdin);
+        let out = child.wait_with_output().expect("waiting for mosquitto_pub");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
