@@ -10,6 +10,7 @@ use telemon_model::{AlertEvent, Reading};
 use tracing::trace;
 
 use crate::directory::Directory;
+use crate::duration;
 use crate::lifecycle::{AckError, Alerts};
 use crate::rule::{validate_rules, Rule, RuleError, RuleKind};
 use crate::rules::news2::{Vitals, METRICS as NEWS2_METRICS};
@@ -28,6 +29,8 @@ pub struct Engine {
     histories: HashMap<(String, String), History>,
     /// NEWS2 observations per subject.
     vitals: HashMap<String, Vitals>,
+    /// Reading time of the last alerting NEWS2 score per (rule id, subject), for `clear_after`.
+    news2_breached: HashMap<(String, String), DateTime<Utc>>,
 }
 
 impl Engine {
@@ -41,6 +44,7 @@ impl Engine {
             liveness: HashMap::new(),
             histories: HashMap::new(),
             vitals: HashMap::new(),
+            news2_breached: HashMap::new(),
         })
     }
 
@@ -151,7 +155,22 @@ impl Engine {
                 continue;
             };
             if rule.enabled && rule.scope.covers(device, &self.directory) {
-                let verdict = k.evaluate(vitals, at, scale, rule.priority);
+                let key = (rule.id.clone(), subject.to_string());
+                let verdict = match k.evaluate(vitals, at, scale, rule.priority) {
+                    Verdict::Breach(f) => {
+                        self.news2_breached.insert(key, at);
+                        Verdict::Breach(f)
+                    }
+                    // Resolved only once the score has stayed low for `clear_after`.
+                    Verdict::Clear => match self.news2_breached.get(&key) {
+                        Some(last) if at - *last < duration::delta(k.clear_after) => Verdict::Hold,
+                        _ => {
+                            self.news2_breached.remove(&key);
+                            Verdict::Clear
+                        }
+                    },
+                    Verdict::Hold => Verdict::Hold,
+                };
                 events.extend(self.alerts.apply(rule, subject, verdict, now));
             }
         }
@@ -841,14 +860,41 @@ mod tests {
             (Some("news2"), Some(8.0))
         );
 
-        let events = observe(&mut e, "bed-1", HEALTHY, 10);
+        // A low score resolves the alert only once it has stayed low for `clear_after`.
+        assert!(observe(&mut e, "bed-1", HEALTHY, 10).is_empty());
+        assert!(observe(&mut e, "bed-1", HEALTHY, 119).is_empty());
+        let events = observe(&mut e, "bed-1", HEALTHY, 120);
         assert_eq!(states(&events), [AlertState::Resolved]);
         assert_eq!(events[0].id, alert.id);
     }
 
+    /// A deteriorating patient's score crossing back and forth over the alerting boundary
+    /// (seen as an alert resolving and a new one firing every second or two) keeps one alert,
+    /// and its acknowledgement.
+    #[test]
+    fn news2_crossing_the_boundary_back_and_forth_keeps_one_alert() {
+        let mut e = engine(vec![rule("news2", RuleKind::News2(News2::default()))]);
+        let id = observe(&mut e, "bed-1", CONFUSED, 0)[0].id.clone();
+        e.acknowledge(&id, "dr.who", at(1)).unwrap();
+        for t in 1..60 {
+            let values = if t % 2 == 0 { CONFUSED } else { HEALTHY };
+            let events = observe(&mut e, "bed-1", values, t);
+            assert!(events.is_empty(), "at {t} s: {events:?}");
+        }
+        let events = observe(&mut e, "bed-1", HEALTHY, 58 + 120);
+        assert_eq!(
+            (states(&events), events[0].id.as_str()),
+            (vec![AlertState::Resolved], id.as_str())
+        );
+    }
+
     #[test]
     fn news2_follows_the_score_one_reading_at_a_time() {
-        let mut e = engine(vec![rule("news2", RuleKind::News2(News2::default()))]);
+        let immediate = News2 {
+            clear_after: Duration::ZERO,
+            ..News2::default()
+        };
+        let mut e = engine(vec![rule("news2", RuleKind::News2(immediate))]);
         let id = observe(&mut e, "bed-1", SEPTIC, 0)[0].id.clone();
 
         // Separate messages: the score falls as each new value arrives, and the priority

@@ -39,6 +39,20 @@ pub struct News2 {
     /// Priority at aggregate 7 or more; the rule's own `priority` applies to urgent scores.
     #[serde(default = "default_emergency_priority")]
     pub emergency_priority: Priority,
+    /// How long the score must stay out of the alerting bands before an alert resolves. A
+    /// deteriorating patient's score crosses a band boundary back and forth as each vital
+    /// sign arrives; without this, every crossing would resolve the alert and the next raise a
+    /// new one, losing its acknowledgement.
+    #[serde(default = "default_clear_after", with = "crate::duration")]
+    pub clear_after: Duration,
+}
+
+/// Default for `clear_after`: several readings of a continuous monitor, short next to how
+/// often a ward reviews a patient whose score has settled.
+pub const DEFAULT_CLEAR_AFTER: Duration = Duration::from_secs(2 * 60);
+
+fn default_clear_after() -> Duration {
+    DEFAULT_CLEAR_AFTER
 }
 
 fn default_max_age() -> Duration {
@@ -54,6 +68,7 @@ impl Default for News2 {
         News2 {
             max_age: DEFAULT_MAX_AGE,
             emergency_priority: default_emergency_priority(),
+            clear_after: DEFAULT_CLEAR_AFTER,
         }
     }
 }
@@ -141,7 +156,7 @@ impl News2 {
 fn describe(s: &News2Score) -> String {
     let p = &s.sub_scores;
     format!(
-        "NEWS2 {} ({} risk): RR {}, SpO2 {}, O2 {}, SBP {}, pulse {}, ACVPU {}, temp {}",
+        "score {} ({} risk): RR {}, SpO2 {}, O2 {}, SBP {}, pulse {}, ACVPU {}, temp {}",
         s.aggregate,
         s.clinical_risk.as_str(),
         p.respiratory_rate,
@@ -210,7 +225,7 @@ mod tests {
             panic!("NEWS2 8 must alert");
         };
         assert_eq!((f.priority, f.value), (Priority::High, Some(8.0)));
-        assert!(f.detail.starts_with("NEWS2 8 (high risk)"), "{}", f.detail);
+        assert!(f.detail.starts_with("score 8 (high risk)"), "{}", f.detail);
     }
 
     #[test]
