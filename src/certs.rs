@@ -61,21 +61,36 @@ pub fn run(data_dir: &Path, command: CertsCommand) -> anyhow::Result<()> {
             }
         }
         CertsCommand::List => {
-            println!(
-                "{:<34} {:<32} {:<22} revoked",
+            let mut out = format!(
+                "{:<34} {:<32} {:<22} revoked\n",
                 "serial", "identity", "not after"
             );
             for r in pki.list()? {
                 let revoked = r.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default();
-                println!(
-                    "{:<34} {:<32} {:<22} {}",
+                out.push_str(&format!(
+                    "{:<34} {:<32} {:<22} {}\n",
                     r.serial,
                     r.identity,
                     r.not_after.format("%Y-%m-%dT%H:%M:%SZ"),
                     revoked
-                );
+                ));
             }
+            print_listing(&out)?;
         }
     }
     Ok(())
+}
+
+/// Writes a listing to stdout. A reader that stops early (`telemon certs list | head`) is not
+/// an error.
+fn print_listing(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("writing to stdout")?),
+    }
 }

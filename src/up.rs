@@ -236,7 +236,9 @@ fn announce(data_dir: &Path, edge: &Edge, api: &Api, args: &UpArgs) -> anyhow::R
         std::fs::write(path, ready.to_string())
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let host = if mqtt.ip().is_unspecified() {
+    // A loopback or wildcard listener is reached as `localhost`, a name the server
+    // certificate carries; an IP address as the TLS server name is not valid SNI.
+    let host = if mqtt.ip().is_unspecified() || mqtt.ip().is_loopback() {
         "localhost".to_string()
     } else {
         mqtt.ip().to_string()

@@ -21,6 +21,8 @@ pub enum HttpError {
     BadRequest(String),
     #[error("{0} not found")]
     NotFound(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("{0}")]
     Conflict(String),
     #[error("service unavailable, try again")]
@@ -39,6 +41,7 @@ impl IntoResponse for HttpError {
             HttpError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
+            HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             HttpError::Conflict(_) => StatusCode::CONFLICT,
             HttpError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Auth(e) => {

@@ -564,6 +564,17 @@ async fn malformed_requests_get_the_json_error_body() {
         .await;
     assert_eq!(status, 400);
     assert!(body["error"].is_string(), "{body}");
+
+    // Unknown paths and methods too.
+    for (method, path, want) in [
+        ("GET", "/api/v1/nonexistent", 404),
+        ("GET", "/API/V1/STREAM", 404),
+        ("DELETE", "/api/v1/me", 405),
+    ] {
+        let (status, body) = server.call(method, path, ADMIN, None).await;
+        assert_eq!(status, want, "{method} {path}");
+        assert!(body["error"].is_string(), "{method} {path}: {body}");
+    }
 }
 
 type Ws =

@@ -18,6 +18,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::error::HttpError;
 use crate::openapi::ApiDoc;
 use crate::AppState;
 
@@ -65,6 +66,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        // Unknown paths and methods answer with the same JSON error body as everything else.
+        .fallback(|| std::future::ready(HttpError::NotFound("route")))
+        .method_not_allowed_fallback(|| std::future::ready(HttpError::MethodNotAllowed))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
