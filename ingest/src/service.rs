@@ -42,6 +42,13 @@ pub enum IngestError {
     Spool(#[from] SpoolError),
 }
 
+/// Dead letters kept, newest first: enough to see what a device has been sending wrong for a
+/// long while, bounded so that a device sending only refused messages (each up to the
+/// broker's 256 KiB) cannot fill the disk.
+pub const DEAD_LETTERS_KEPT: i64 = 10_000;
+/// How often the dead-letter table is cut back to [`DEAD_LETTERS_KEPT`].
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Clone, Debug)]
 pub struct IngestSettings {
     /// MQTT client id; the broker keeps this session's unacknowledged messages across
@@ -436,6 +443,7 @@ impl Batcher {
     /// committed and acknowledged one after another, in the order they arrived.
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Received>) {
         let mut last_drain = Instant::now();
+        let mut last_prune = Instant::now();
         let size = self.settings.batch_size;
         let limits = (self.settings.batch_delay, self.settings.batch_quiet);
         let (mut carried, mut closed) = collect(&mut rx, size, limits).await;
@@ -466,6 +474,23 @@ impl Batcher {
                 last_drain = Instant::now();
                 self.drain_spool().await;
             }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = Instant::now();
+                self.prune_dead_letters().await;
+            }
+        }
+    }
+
+    /// Keeps the dead-letter table to its newest [`DEAD_LETTERS_KEPT`] messages.
+    async fn prune_dead_letters(&self) {
+        match self.store.prune_dead_letters(DEAD_LETTERS_KEPT).await {
+            Ok(0) => {}
+            Ok(pruned) => info!(
+                pruned,
+                kept = DEAD_LETTERS_KEPT,
+                "oldest dead letters deleted"
+            ),
+            Err(e) => warn!(cause = %e, "could not prune dead letters"),
         }
     }
 

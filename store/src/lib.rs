@@ -241,6 +241,12 @@ impl Store {
         dispatch!(self, devices())
     }
 
+    /// Deletes all but about the newest `keep` dead letters (ids are increasing; a gap only
+    /// keeps fewer): a device sending nothing but refused messages must not fill the disk.
+    pub async fn prune_dead_letters(&self, keep: i64) -> Result<u64> {
+        dispatch!(self, prune_dead_letters(keep))
+    }
+
     pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>> {
         dispatch!(self, dead_letters(limit))
     }

@@ -347,6 +347,16 @@ impl Postgres {
             .collect()
     }
 
+    pub async fn prune_dead_letters(&self, keep: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - $1",
+        )
+        .bind(keep)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
             "SELECT received_at, topic, identity, reason, detail, payload FROM dead_letters \

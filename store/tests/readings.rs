@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sqlx::Connection;
 use telemon_model::{DeviceId, Reading, Value};
-use telemon_store::{PgWrite, ReadingQuery, Store};
+use telemon_store::{DeadLetter, PgWrite, ReadingQuery, Store};
 
 fn reading(device: &str, metric: &str, secs: i64, value: Value) -> Reading {
     Reading {
@@ -202,6 +202,42 @@ async fn sqlite_buckets_from_the_raw_table() {
     assert!(!store.uses_aggregates());
     buckets(&store).await;
     remove_sqlite(&path);
+}
+
+/// The dead-letter table keeps the newest letters only, on both backends.
+async fn prunes_dead_letters(store: &Store) {
+    let letters: Vec<DeadLetter> = (0..30)
+        .map(|n| DeadLetter {
+            received_at: t(n),
+            topic: format!("devices/bed-{n}/telemetry"),
+            identity: None,
+            reason: "invalid_json".into(),
+            detail: String::new(),
+            payload: vec![b'x'; 10],
+        })
+        .collect();
+    store.insert_dead_letters(&letters).await.unwrap();
+    assert_eq!(store.prune_dead_letters(10).await.unwrap(), 20);
+    let kept = store.dead_letters(100).await.unwrap();
+    let topics: Vec<&str> = kept.iter().map(|d| d.topic.as_str()).collect();
+    let newest: Vec<String> = (20..30)
+        .rev()
+        .map(|n| format!("devices/bed-{n}/telemetry"))
+        .collect();
+    assert_eq!(topics, newest);
+    assert_eq!(store.prune_dead_letters(10).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn sqlite_prunes_dead_letters() {
+    let (store, path) = sqlite().await;
+    prunes_dead_letters(&store).await;
+    remove_sqlite(&path);
+}
+
+#[tokio::test]
+async fn postgres_prunes_dead_letters() {
+    prunes_dead_letters(&postgres("prune_dead").await).await;
 }
 
 #[tokio::test]

@@ -134,20 +134,46 @@ pub struct DeadLetterView {
     identity: Option<String>,
     reason: String,
     detail: String,
-    /// The raw payload, lossily as text, for a person to read.
+    /// The raw payload, lossily as text, for a person to read; its first
+    /// [`PAYLOAD_SHOWN`] bytes when longer.
     payload: String,
+    /// The payload's full length in bytes.
+    payload_bytes: usize,
 }
 
-/// Messages that could not become readings (admins only: payloads may hold patient data).
-#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "admin",
-    responses((status = 200, body = Vec<DeadLetterView>), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+/// Dead letters listed per request by default, and at most.
+const DEAD_LETTERS: i64 = 100;
+const MAX_DEAD_LETTERS: i64 = 500;
+/// Bytes of each payload shown: enough to see what a device sent, while a listing of
+/// oversize payloads (each up to the broker's 256 KiB) stays small.
+const PAYLOAD_SHOWN: usize = 4096;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterParams {
+    /// The newest this many (1 to 500, default 100).
+    limit: Option<i64>,
+}
+
+/// Messages that could not become readings, newest first (admins only: payloads may hold
+/// patient data).
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "admin", params(DeadLetterParams),
+    responses((status = 200, body = Vec<DeadLetterView>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn dead_letters(
     access: Access,
     State(state): State<AppState>,
+    Query(params): Query<DeadLetterParams>,
 ) -> Result<Json<Vec<DeadLetterView>>, HttpError> {
     access.principal.require_admin()?;
-    let letters = state.store.dead_letters(500).await?;
+    let limit = params.limit.unwrap_or(DEAD_LETTERS);
+    if !(1..=MAX_DEAD_LETTERS).contains(&limit) {
+        return Err(HttpError::BadRequest(format!(
+            "limit must be 1 to {MAX_DEAD_LETTERS}"
+        )));
+    }
+    let letters = state.store.dead_letters(limit).await?;
     Ok(Json(letters.into_iter().map(view).collect()))
 }
 
@@ -158,6 +184,8 @@ fn view(d: DeadLetter) -> DeadLetterView {
         identity: d.identity,
         reason: d.reason,
         detail: d.detail,
-        payload: String::from_utf8_lossy(&d.payload).into_owned(),
+        payload: String::from_utf8_lossy(&d.payload[..d.payload.len().min(PAYLOAD_SHOWN)])
+            .into_owned(),
+        payload_bytes: d.payload.len(),
     }
 }
