@@ -255,8 +255,23 @@ struct Inner {
     next_id: AtomicU64,
     /// Bumped whenever who-may-see-what changes here (assignments, devices attached to
     /// patients, sessions ended), so open streams re-check their caller's scope at once.
-    scope_version: watch::Sender<u64>,
+    scope_version: watch::Sender<ScopeChange>,
     dropped: Counter,
+}
+
+/// The latest change of who may see what, numbered so that a stream can tell whether it
+/// missed one in between (and then checks its caller whoever the latest was about).
+#[derive(Clone, Debug, Default)]
+pub struct ScopeChange {
+    pub version: u64,
+    pub who: Option<String>,
+}
+
+impl ScopeChange {
+    /// Whether a stream of `name` that last saw `seen` must check its caller again.
+    pub fn concerns(&self, name: &str, seen: u64) -> bool {
+        self.version > seen + 1 || self.who.as_deref().is_none_or(|who| who == name)
+    }
 }
 
 /// Handle to the feed; cheap to clone.
@@ -278,7 +293,7 @@ impl Live {
             }),
             client: OnceLock::new(),
             next_id: AtomicU64::new(1),
-            scope_version: watch::Sender::new(0),
+            scope_version: watch::Sender::new(ScopeChange::default()),
             dropped,
         }))
     }
@@ -352,12 +367,17 @@ impl Live {
     }
 
     /// Tells open streams that who may see what has changed.
-    pub fn scope_changed(&self) {
-        self.0.scope_version.send_modify(|v| *v += 1);
+    /// `who`: the user or token whose access changed, or `None` when it may be anyone's
+    /// (a device attached to or detached from a patient).
+    pub fn scope_changed(&self, who: Option<&str>) {
+        self.0.scope_version.send_modify(|change| {
+            change.version += 1;
+            change.who = who.map(str::to_string);
+        });
     }
 
-    /// Resolves when [`Live::scope_changed`] is called after this receiver was made.
-    pub fn scope_changes(&self) -> watch::Receiver<u64> {
+    /// Sees each [`Live::scope_changed`] made after this receiver was.
+    pub fn scope_changes(&self) -> watch::Receiver<ScopeChange> {
         self.0.scope_version.subscribe()
     }
 
@@ -555,6 +575,18 @@ mod tests {
             queued(&mut slow),
             ["lagged 5".to_string(), format!("{next}:bed-1")]
         );
+    }
+
+    #[test]
+    fn a_scope_change_concerns_its_user_or_everyone() {
+        let change = |version, who: Option<&str>| ScopeChange {
+            version,
+            who: who.map(str::to_string),
+        };
+        assert!(change(5, Some("ann")).concerns("ann", 4));
+        assert!(!change(5, Some("ann")).concerns("bob", 4));
+        assert!(change(5, None).concerns("bob", 4), "a device moved: anyone's");
+        assert!(change(6, Some("ann")).concerns("bob", 4), "one missed in between");
     }
 
     #[test]

@@ -247,7 +247,7 @@ pub async fn attach_device(
     DeviceId::new(device.clone()).map_err(|e| HttpError::BadRequest(e.to_string()))?;
     patient_exists(&state, &id).await?;
     state.store.attach_device(&device, &id).await?;
-    state.live.scope_changed();
+    state.live.scope_changed(None);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -271,7 +271,7 @@ pub async fn detach_device(
     if !attached || !state.store.detach_device(&device).await? {
         return Err(HttpError::NotFound("device"));
     }
-    state.live.scope_changed();
+    state.live.scope_changed(None);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -293,7 +293,7 @@ pub async fn assign(
     check_name("patient id", &id)?;
     patient_exists(&state, &id).await?;
     state.store.assign(&name, &id).await?;
-    state.live.scope_changed();
+    state.live.scope_changed(Some(&name));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -315,7 +315,7 @@ pub async fn unassign(
     if !state.store.unassign(&name, &id).await? {
         return Err(HttpError::NotFound("assignment"));
     }
-    state.live.scope_changed();
+    state.live.scope_changed(Some(&name));
     Ok(StatusCode::NO_CONTENT)
 }
 

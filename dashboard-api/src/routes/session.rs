@@ -96,7 +96,7 @@ pub async fn logout(
 ) -> Result<axum::http::StatusCode, HttpError> {
     if let Credential::Session { token_hash } = &principal.credential {
         state.store.delete_session(token_hash).await?;
-        state.live.scope_changed();
+        state.live.scope_changed(Some(&principal.name));
     }
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

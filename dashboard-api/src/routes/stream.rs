@@ -32,7 +32,7 @@ use utoipa::IntoParams;
 use crate::access::{scope_of, Access, Scope};
 use crate::auth::BearerToken;
 use crate::error::HttpError;
-use crate::live::{Delivery, Interest, LiveData, LiveEvent, Subscription};
+use crate::live::{Delivery, Interest, LiveData, LiveEvent, ScopeChange, Subscription};
 use crate::openapi::ErrorBody;
 use crate::AppState;
 
@@ -212,7 +212,10 @@ struct Watch {
     request: Request,
     filter: StreamFilter,
     subscription: Subscription,
-    scope_changes: watch::Receiver<u64>,
+    scope_changes: watch::Receiver<ScopeChange>,
+    /// The caller's user or token name, and the last scope change this stream saw.
+    name: String,
+    seen: u64,
     recheck: tokio::time::Interval,
     check_due: bool,
     ended: bool,
@@ -234,6 +237,8 @@ impl Watch {
 
         // Subscribed to changes before the feed, so that none between the two is missed.
         let scope_changes = state.live.scope_changes();
+        let seen = scope_changes.borrow().version;
+        let name = access.principal.name.clone();
         let (missed, lost, subscription) = state.live.subscribe(filter.interest(), last_id);
         let missed = missed.into_iter().filter(|e| filter.wants(e)).collect();
         let mut recheck = tokio::time::interval(RECHECK);
@@ -246,6 +251,8 @@ impl Watch {
             filter,
             subscription,
             scope_changes,
+            name,
+            seen,
             recheck,
             check_due: false,
             ended: false,
@@ -277,7 +284,10 @@ impl Watch {
                 },
                 changed = self.scope_changes.changed() => {
                     changed.ok()?;
-                    self.check_due = true;
+                    // Another user's assignments or logout leave this stream alone.
+                    let change = self.scope_changes.borrow_and_update().clone();
+                    self.check_due |= change.concerns(&self.name, self.seen);
+                    self.seen = change.version;
                 }
                 _ = self.recheck.tick() => self.check_due = true,
             }
