@@ -11,6 +11,14 @@ const VITALS = [
   ['consciousness', 'ACVPU', ''],
 ];
 const RANGES = { '15m': 900, '1h': 3600, '6h': 21600, '24h': 86400 };
+// Consciousness arrives as a code (0 alert, 1 new confusion, 2 voice, 3 pain, 4 unresponsive)
+// or as the letter itself; the ward reads the letter.
+const ACVPU = ['A', 'C', 'V', 'P', 'U'];
+const display = (metric, v) => {
+  if (v == null) return '–';
+  if (metric === 'consciousness' && typeof v === 'number') return ACVPU[v] ?? String(v);
+  return String(v);
+};
 const $ = (sel, root = document) => root.querySelector(sel);
 const el = (tag, attrs = {}, ...children) => {
   const node = document.createElement(tag);
@@ -191,7 +199,7 @@ async function wardView() {
         el('div', { class: 'meta' }, `${p.id} · ward ${p.ward || '-'} · `, ...deviceState),
         el('div', { class: 'vitals' }, ...VITALS.map(([m, label, unit]) => el('div',
           { class: 'vital', 'data-metric': m },
-          el('small', {}, label), el('b', {}, values[m] == null ? '–' : String(values[m])),
+          el('small', {}, label), el('b', {}, display(m, values[m])),
           el('small', {}, unit)))),
         el('div', { class: 'news2' }, 'NEWS2 ' + (score == null ? '–' : score)),
         el('div', { class: 'meta' }, alerts.length ? `${alerts.length} active alert(s)`
