@@ -585,8 +585,14 @@ mod tests {
         };
         assert!(change(5, Some("ann")).concerns("ann", 4));
         assert!(!change(5, Some("ann")).concerns("bob", 4));
-        assert!(change(5, None).concerns("bob", 4), "a device moved: anyone's");
-        assert!(change(6, Some("ann")).concerns("bob", 4), "one missed in between");
+        assert!(
+            change(5, None).concerns("bob", 4),
+            "a device moved: anyone's"
+        );
+        assert!(
+            change(6, Some("ann")).concerns("bob", 4),
+            "one missed in between"
+        );
     }
 
     #[test]
