@@ -153,6 +153,7 @@ const PAYLOAD_SHOWN: usize = 4096;
 #[into_params(parameter_in = Query)]
 pub struct DeadLetterParams {
     /// The newest this many (1 to 500, default 100).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 

@@ -53,7 +53,7 @@ pub struct RuleDoc {
     #[schema(pattern = "^(high|medium|low)$")]
     priority: String,
     /// `"all"` (the default), `{"device": id}`, `{"patient": id}` or `{"group": ward}`.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     scope: Option<serde_json::Value>,
     /// false disables the rule; its alerts resolve.
     enabled: Option<bool>,

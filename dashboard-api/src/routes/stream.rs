@@ -61,6 +61,7 @@ pub struct StreamParams {
     /// Comma-separated metric names; all metrics when absent.
     metric: Option<String>,
     /// `readings`, `alerts` or `all` (default).
+    #[param(pattern = "^(readings|alerts|all)$")]
     kind: Option<String>,
     /// The bearer token, for browsers whose EventSource and WebSocket cannot set headers.
     /// Read by the principal extractor from the raw query; declared here so it is allowed.
