@@ -44,6 +44,9 @@ pub enum RejectReason {
     NonFinite,
     /// A device's "no reading" marker: a sentinel number or word (see [`SENTINELS`]).
     Sentinel,
+    /// A number no sensor of that metric can read (see [`PLAUSIBLE`]): a glitch or a wrong
+    /// unit, which would otherwise raise alerts and wreck every chart and average.
+    Implausible,
     /// A value of a kind no reading can hold (an array).
     UnsupportedValue,
     /// A SenML record names a measurement but carries no value.
@@ -77,6 +80,7 @@ impl RejectReason {
             RejectReason::NotANumber => "not_a_number",
             RejectReason::NonFinite => "non_finite",
             RejectReason::Sentinel => "sentinel",
+            RejectReason::Implausible => "implausible",
             RejectReason::UnsupportedValue => "unsupported_value",
             RejectReason::MissingValue => "missing_value",
             RejectReason::InvalidTimestamp => "invalid_timestamp",
@@ -89,7 +93,7 @@ impl RejectReason {
     }
 
     /// Every reason, for registering one counter per label up front.
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 19] = [
         RejectReason::Empty,
         RejectReason::Oversize,
         RejectReason::NulByte,
@@ -100,6 +104,7 @@ impl RejectReason {
         RejectReason::NotANumber,
         RejectReason::NonFinite,
         RejectReason::Sentinel,
+        RejectReason::Implausible,
         RejectReason::UnsupportedValue,
         RejectReason::MissingValue,
         RejectReason::InvalidTimestamp,
@@ -196,8 +201,54 @@ pub fn check_number(metric: &str, value: f64) -> Result<(), Rejection> {
         let detail = format!("{metric}: {value} ({})", sentinel.why);
         return Err(Rejection::new(RejectReason::Sentinel, detail));
     }
+
+    let normalized = normalize(metric);
+    let range = PLAUSIBLE
+        .iter()
+        .find(|p| p.applies_to.matches(&normalized))
+        .map_or((-MAX_MAGNITUDE, MAX_MAGNITUDE), |p| (p.min, p.max));
+    if !(range.0..=range.1).contains(&value) {
+        let detail = format!("{metric}: {value} outside {} to {}", range.0, range.1);
+        return Err(Rejection::new(RejectReason::Implausible, detail));
+    }
     Ok(())
 }
+
+/// The readings a sensor of a kind can possibly produce, generously: wider than any patient
+/// or room, narrower than a glitch or a value in the wrong unit.
+#[derive(Clone, Copy, Debug)]
+pub struct Plausible {
+    pub applies_to: MetricKind,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Ranges refused as [`RejectReason::Implausible`], first match wins; any other metric is
+/// held to ±[`MAX_MAGNITUDE`].
+pub const PLAUSIBLE: &[Plausible] = &[
+    // A percentage.
+    Plausible {
+        applies_to: MetricKind::Spo2,
+        min: 0.0,
+        max: 100.0,
+    },
+    // Beats a minute: nothing beats faster than 350 (fetal tachycardia tops out near 300).
+    Plausible {
+        applies_to: MetricKind::HeartRate,
+        min: 0.0,
+        max: 350.0,
+    },
+    // Body, room, freezer or oven, in degrees Celsius or Fahrenheit.
+    Plausible {
+        applies_to: MetricKind::Temperature,
+        min: -100.0,
+        max: 600.0,
+    },
+];
+
+/// The magnitude beyond which no metric is believed (1e15: an energy meter in Wh would take
+/// a thousand years at a gigawatt to get there; 1e308 is a float overflow, not a reading).
+pub const MAX_MAGNITUDE: f64 = 1e15;
 
 /// Checks a text value: short, and storable.
 pub fn check_text(metric: &str, text: &str) -> Result<(), Rejection> {
@@ -356,12 +407,17 @@ fn sentinel_for(metric: &str, value: f64) -> Option<&'static Sentinel> {
     let mut candidates = candidates.peekable();
     candidates.peek()?;
 
-    let normalized: String = metric
+    let normalized = normalize(metric);
+    candidates.find(|s| s.applies_to.matches(&normalized))
+}
+
+/// A metric name lowercased without `_ - . : /`, as [`MetricKind`] matches it.
+fn normalize(metric: &str) -> String {
+    metric
         .chars()
         .filter(|c| !matches!(c, '_' | '-' | '.' | ':' | '/'))
         .map(|c| c.to_ascii_lowercase())
-        .collect();
-    candidates.find(|s| s.applies_to.matches(&normalized))
+        .collect()
 }
 
 /// Whether a text value is a "no reading" word (see [`SENTINEL_WORDS`]).
@@ -382,6 +438,26 @@ mod tests {
         match r {
             Ok(_) => "accepted",
             Err(e) => e.reason.as_str(),
+        }
+    }
+
+    #[test]
+    fn numbers_no_sensor_can_read_are_implausible() {
+        for (metric, value, want) in [
+            ("spo2", 100.0, "accepted"),
+            ("SpO2", 100.5, "implausible"),
+            ("heart_rate", 0.0, "accepted"),
+            ("pulse", 351.0, "implausible"),
+            ("temperature", -40.0, "accepted"),
+            ("body_temp", 1.23e29, "implausible"),
+            ("energy_wh", 9.9e14, "accepted"),
+            ("energy_wh", -1.7e308, "implausible"),
+        ] {
+            assert_eq!(
+                reason(check_number(metric, value)),
+                want,
+                "{metric} {value}"
+            );
         }
     }
 

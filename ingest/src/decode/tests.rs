@@ -450,7 +450,7 @@ fn subscriptions_cover_native_and_mapped_topics() {
 #[test]
 fn every_reason_is_produced_by_some_input() {
     // Each entry: the reason, and a message that yields it (as Err or as a field rejection).
-    let cases: [(&str, &str, &str); 18] = [
+    let cases: [(&str, &str, &str); 19] = [
         ("empty", "devices/d/telemetry", " "),
         ("oversize", "devices/d/telemetry", ""),
         ("nul_byte", "devices/d/telemetry", "{}\0"),
@@ -461,6 +461,11 @@ fn every_reason_is_produced_by_some_input() {
         ("not_a_number", "devices/d/telemetry", r#"{"hr":"71"}"#),
         ("non_finite", "m/d", "inf"),
         ("sentinel", "devices/d/telemetry", r#"{"spo2":127}"#),
+        (
+            "implausible",
+            "devices/d/telemetry",
+            r#"{"heart_rate":1.7e308}"#,
+        ),
         ("unsupported_value", "devices/d/telemetry", r#"{"hr":[1]}"#),
         ("missing_value", "devices/d/senml", r#"[{"n":"hr"}]"#),
         (
@@ -495,5 +500,5 @@ fn every_reason_is_produced_by_some_input() {
         };
         assert_eq!(got, vec![reason], "{topic} {payload:?}");
     }
-    assert_eq!(RejectReason::ALL.len(), 18);
+    assert_eq!(RejectReason::ALL.len(), 19);
 }
