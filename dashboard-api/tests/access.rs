@@ -163,6 +163,16 @@ impl Server {
         self.state.live.publish(LiveData::Alert(alert));
     }
 
+    /// Opens the WebSocket stream with `query` (then the token) as the given caller.
+    async fn websocket(&self, query: &str, token: &str) -> Ws {
+        let sep = if query.is_empty() { "" } else { "&" };
+        let url = format!(
+            "{}/api/v1/ws?{query}{sep}access_token={token}",
+            self.url.replace("http", "ws")
+        );
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
     async fn wait_for_clients(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.state.live.clients() != n {
@@ -382,11 +392,7 @@ async fn streams_carry_only_the_clinicians_patients() {
         ann.clone(),
         2,
     ));
-    let ws_url = format!(
-        "{}/api/v1/ws?access_token={ann}",
-        server.url.replace("http", "ws")
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let mut ws = server.websocket("", &ann).await;
     server.wait_for_clients(baseline + 2).await;
 
     server.publish_reading("bed-2", 90.0);
@@ -442,11 +448,7 @@ async fn streams_carry_only_the_clinicians_patients() {
 async fn a_stream_filtered_by_an_unassigned_patient_carries_nothing_of_it() {
     let server = serve().await;
     let (ann, _) = server.ward().await;
-    let ws_url = format!(
-        "{}/api/v1/ws?patient=p2,p1&access_token={ann}",
-        server.url.replace("http", "ws")
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let mut ws = server.websocket("patient=p2,p1", &ann).await;
     server.wait_for_clients(1).await;
     server.publish_reading("bed-2", 90.0);
     server.publish_reading("bed-1", 81.0);
@@ -479,11 +481,7 @@ async fn closed_stream_clients_leave_nothing_behind() {
             assert_eq!(resp.status(), 200);
             sse.push(resp);
         } else {
-            let url = format!(
-                "{}/api/v1/ws?access_token={ann}",
-                server.url.replace("http", "ws")
-            );
-            ws.push(tokio_tungstenite::connect_async(url).await.unwrap().0);
+            ws.push(server.websocket("", &ann).await);
         }
     }
     server.wait_for_clients(baseline + 200).await;
@@ -620,11 +618,7 @@ async fn settles(server: &Server, ws: &mut Ws, device: &str, marker: &str, seen:
 async fn an_open_stream_follows_assignments_and_ends_with_its_session() {
     let server = serve().await;
     let (ann, _) = server.ward().await;
-    let ws_url = format!(
-        "{}/api/v1/ws?kind=readings&access_token={ann}",
-        server.url.replace("http", "ws")
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let mut ws = server.websocket("kind=readings", &ann).await;
     server.wait_for_clients(1).await;
 
     // bed-2 monitors p2, bob's patient: nothing of it until ann is assigned p2 too.
