@@ -441,7 +441,27 @@ mod tests {
         check_audit(&store).await;
     }
 
-    async fn store() -> Store {
+    /// A SQLite store in a directory of its own, removed when the test is done with it.
+    struct Scratch {
+        store: Store,
+        dir: std::path::PathBuf,
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = Store;
+
+        fn deref(&self) -> &Store {
+            &self.store
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn store() -> Scratch {
         let dir = std::env::temp_dir().join(format!(
             "telemon-access-{}-{}",
             std::process::id(),
@@ -452,7 +472,7 @@ mod tests {
             .await
             .unwrap();
         store.migrate().await.unwrap();
-        store
+        Scratch { store, dir }
     }
 
     fn patient(id: &str) -> NewPatient {
@@ -466,7 +486,7 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_expire() {
-        check_sessions(&store().await).await;
+        check_sessions(&*store().await).await;
     }
 
     async fn check_sessions(store: &Store) {
@@ -489,7 +509,7 @@ mod tests {
 
     #[tokio::test]
     async fn assignments_follow_devices_and_feed_the_directory() {
-        check_assignments(&store().await).await;
+        check_assignments(&*store().await).await;
     }
 
     async fn check_assignments(store: &Store) {
@@ -521,7 +541,7 @@ mod tests {
 
     #[tokio::test]
     async fn audit_lists_newest_first_per_actor() {
-        check_audit(&store().await).await;
+        check_audit(&*store().await).await;
     }
 
     async fn check_audit(store: &Store) {
