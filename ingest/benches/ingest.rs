@@ -282,8 +282,13 @@ impl Round {
 }
 
 /// Ingest into a fresh database behind `broker`, the publisher flat out, until every message
-/// is committed and acknowledged. Exits the process if ingest stalls for 30 s.
-async fn round(broker: &Broker, store: Store, dir: &std::path::Path, start_ms: i64) -> Round {
+/// is committed and acknowledged; `None` if ingest stalls for 30 s.
+async fn round(
+    broker: &Broker,
+    store: Store,
+    dir: &std::path::Path,
+    start_ms: i64,
+) -> Option<Round> {
     let health = Health::default();
     let settings = IngestSettings::new(dir.join(format!("spool-{}", broker.name)));
     let ingest = service::start(
@@ -360,7 +365,7 @@ async fn round(broker: &Broker, store: Store, dir: &std::path::Path, start_ms: i
                 again.acknowledged(),
                 stored_rows(&store).await
             );
-            std::process::exit(1);
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -380,17 +385,27 @@ async fn round(broker: &Broker, store: Store, dir: &std::path::Path, start_ms: i
             broker.name
         );
     }
-    Round {
+    Some(Round {
         stored: stored_rows(&store).await,
         published,
         broker_acked: broker_acked.unwrap_or(committed),
         committed,
         cpu_broker: cpu_after.0 - cpu_before.0,
         cpu_here: cpu_after.1 - cpu_before.1,
+    })
+}
+
+/// The bench's Mosquitto, stopped when dropped (on a panic too).
+struct Mosquitto(std::process::Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-fn start_mosquitto(dir: &std::path::Path) -> (std::process::Child, u16) {
+fn start_mosquitto(dir: &std::path::Path) -> (Mosquitto, u16) {
     let port = free_port();
     let config = dir.join("mosquitto.conf");
     std::fs::write(
@@ -408,6 +423,7 @@ fn start_mosquitto(dir: &std::path::Path) -> (std::process::Child, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting mosquitto (apt-get install mosquitto)");
+    let mosquitto = Mosquitto(mosquitto);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -425,17 +441,16 @@ async fn main() {
     let start_ms = Utc::now().timestamp_millis() - 3_600_000;
 
     // Round 1: behind Mosquitto, as `telemon ingest` runs against an external broker.
-    let (mut mosquitto, port) = start_mosquitto(&dir);
+    let (mosquitto, port) = start_mosquitto(&dir);
     let broker = Broker {
         name: "Mosquitto",
         port,
         bus: BusConfig::from_url(&format!("mqtt://127.0.0.1:{port}")).expect("broker URL"),
         credentials: None,
-        pid: Some(mosquitto.id()),
+        pid: Some(mosquitto.0.id()),
     };
     let behind_mosquitto = round(&broker, fresh(&admin, "mosquitto").await, &dir, start_ms).await;
-    let _ = mosquitto.kill();
-    let _ = mosquitto.wait();
+    drop(mosquitto);
 
     // Round 2: behind telemon's own engine, as in `telemon up` (the engine runs in this
     // process, so its CPU is counted with the publisher's and ingest's).
@@ -449,6 +464,10 @@ async fn main() {
         pid: None,
     };
     let behind_engine = round(&broker, fresh(&admin, "engine").await, &dir, start_ms).await;
+    let (Some(behind_mosquitto), Some(behind_engine)) = (behind_mosquitto, behind_engine) else {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::process::exit(1);
+    };
 
     // Raw COPY twice, into a fresh database each time, and the faster counts: the ratio
     // errs against the pipeline when the machine is busy.

@@ -441,38 +441,8 @@ mod tests {
         check_audit(&store).await;
     }
 
-    /// A SQLite store in a directory of its own, removed when the test is done with it.
-    struct Scratch {
-        store: Store,
-        dir: std::path::PathBuf,
-    }
-
-    impl std::ops::Deref for Scratch {
-        type Target = Store;
-
-        fn deref(&self) -> &Store {
-            &self.store
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    async fn store() -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "telemon-access-{}-{}",
-            std::process::id(),
-            Utc::now().timestamp_nanos_opt().unwrap_or_default()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::connect(&format!("sqlite:{}/t.db", dir.display()))
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        Scratch { store, dir }
+    async fn store() -> crate::scratch::Scratch {
+        crate::scratch::Scratch::sqlite("telemon-access").await
     }
 
     fn patient(id: &str) -> NewPatient {

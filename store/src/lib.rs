@@ -39,6 +39,8 @@ macro_rules! on_backend {
 mod access;
 mod postgres;
 mod rules;
+#[cfg(test)]
+mod scratch;
 mod sqlite;
 
 pub use access::{ApiToken, AuditEntry, NewPatient, Patient, PatientDirectory, User};

@@ -129,18 +129,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    async fn sqlite() -> Store {
-        let dir = std::env::temp_dir().join(format!(
-            "telemon-rules-{}-{}",
-            std::process::id(),
-            Utc::now().timestamp_nanos_opt().unwrap_or_default()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::connect(&format!("sqlite:{}/t.db", dir.display()))
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        store
+    async fn sqlite() -> crate::scratch::Scratch {
+        crate::scratch::Scratch::sqlite("telemon-rules").await
     }
 
     /// A fresh database on the test PostgreSQL server (scripts/test.sh starts one).
@@ -204,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn api_rules_replace_and_delete_and_the_file_mirror_is_replaced_whole_on_sqlite() {
-        check_rules(&sqlite().await).await;
+        check_rules(&*sqlite().await).await;
     }
 
     #[tokio::test]
