@@ -27,14 +27,6 @@ const INFLIGHT: u16 = 10;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -70,7 +62,7 @@ impl PrivatePostgres {
         }
         let pg = PrivatePostgres {
             dir,
-            port: free_port(),
+            port: common::free_port(),
             as_postgres,
         };
         let data = pg.dir.path().join("data");
@@ -322,7 +314,7 @@ struct Mosquitto {
 impl Mosquitto {
     fn start(dir: &Path) -> Mosquitto {
         common::require_tool("mosquitto");
-        let port = free_port();
+        let port = common::free_port();
         let config = dir.join("mosquitto.conf");
         let store = dir.join("mosquitto-data");
         std::fs::create_dir_all(&store).unwrap();

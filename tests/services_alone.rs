@@ -21,14 +21,6 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn mosquitto(dir: &Path, port: u16) -> Killed {
     assert!(
         Path::new("/usr/sbin/mosquitto").is_file(),
@@ -68,7 +60,7 @@ async fn alerts_and_api_run_alone_against_mosquitto() {
     common::require_tool("mosquitto_pub");
     let dir = TempDir::new("services-alone");
     let data = dir.path().join("data");
-    let port = free_port();
+    let port = common::free_port();
     let _broker = mosquitto(dir.path(), port);
     let url = format!("mqtt://127.0.0.1:{port}");
     let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rules.toml");

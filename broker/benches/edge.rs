@@ -84,17 +84,7 @@ fn main() -> Result<(), Error> {
 /// one descriptor per device. (The server's side is the edge's own business: it raises its
 /// limit at start-up and sizes its connection limit to it.)
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read or write one plain struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+    telemon_model::limits::raise_open_files();
 }
 
 struct Bench {
@@ -549,13 +539,7 @@ fn load_average() -> String {
 }
 
 fn fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one plain struct.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    limit.rlim_max
+    telemon_model::limits::open_files().map_or(0, |(_, hard)| hard)
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {

@@ -2,8 +2,9 @@
 //!
 //! A device connects with a full mutual-TLS handshake: per connection the edge signs once
 //! (ECDSA P-256), verifies the device certificate, its CertificateVerify and the CRL signature
-//! (three P-256 verifications) and computes one X25519 key agreement. With ring these dominate
-//! the cost of a reconnect storm; aws-lc-rs does the same operations in about half the time.
+//! (three P-256 verifications) and computes one X25519 key agreement; these dominate the cost
+//! of a reconnect storm. Measured here, aws-lc-rs made X25519 cheaper than ring did (about 7%
+//! against 11% of the storm's CPU) and P-256 verification no faster.
 
 use std::sync::{Arc, OnceLock};
 

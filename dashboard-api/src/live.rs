@@ -185,18 +185,11 @@ impl Routes {
     }
 
     fn route(&self, event: &Arc<LiveEvent>, dropped: &Counter) {
-        let clients: Box<dyn Iterator<Item = &(u64, Arc<Sink>)>> = match &event.data {
-            LiveData::Reading(r) => {
-                let of_device = self.by_device.get(r.device_id.as_str());
-                Box::new(
-                    self.every_device
-                        .iter()
-                        .chain(of_device.into_iter().flatten()),
-                )
-            }
-            LiveData::Alert(_) => Box::new(self.alerts.iter()),
+        let (general, particular) = match &event.data {
+            LiveData::Reading(r) => (&self.every_device, self.by_device.get(r.device_id.as_str())),
+            LiveData::Alert(_) => (&self.alerts, None),
         };
-        for (_, sink) in clients {
+        for (_, sink) in general.iter().chain(particular.into_iter().flatten()) {
             sink.offer(event, dropped);
         }
     }
@@ -317,9 +310,10 @@ impl Live {
 
     /// Sends an event to the clients that want it and keeps it for resumption.
     pub fn publish(&self, data: LiveData) {
+        // Numbered under the lock, so that the history is in id order.
+        let mut feed = self.0.feed.lock();
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let event = Arc::new(LiveEvent::new(id, data));
-        let mut feed = self.0.feed.lock();
         if feed.history.len() == HISTORY {
             feed.history.pop_front();
         }

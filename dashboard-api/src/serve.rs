@@ -69,18 +69,11 @@ pub async fn serve(listener: TcpListener, state: AppState) -> io::Result<()> {
     axum::serve(incoming, app).await
 }
 
-/// [`MAX_CONNECTIONS`], or a quarter of the open-file limit when that is lower.
+/// [`MAX_CONNECTIONS`], or a quarter of the open-file limit (raised as far as it goes) when
+/// that is lower.
 fn connection_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    if got != 0 {
-        return MAX_CONNECTIONS;
-    }
-    MAX_CONNECTIONS.min((limit.rlim_cur / 4).max(16) as usize)
+    let limit = telemon_model::limits::raise_open_files();
+    MAX_CONNECTIONS.min((limit / 4).max(16) as usize)
 }
 
 /// The connections axum serves: all but the direct streams.
@@ -238,7 +231,6 @@ async fn write_stream(mut tcp: TcpStream, head_len: usize, mut feed: SseFeed) {
     if !write_all(&mut to_client, response.as_bytes()).await {
         return;
     }
-    let mut out = Vec::new();
     let mut probe = [0u8; 16];
     loop {
         let next = tokio::select! {
@@ -248,17 +240,14 @@ async fn write_stream(mut tcp: TcpStream, head_len: usize, mut feed: SseFeed) {
             _ = from_client.read(&mut probe) => break,
         };
         let Some(text) = next else {
-            out.extend_from_slice(b"0\r\n\r\n");
-            let _ = write_all(&mut to_client, &out).await;
+            // The stream ended (its credential did): the last, empty chunk closes the body.
+            let _ = write_all(&mut to_client, b"0\r\n\r\n").await;
             break;
         };
-        out.extend_from_slice(format!("{:x}\r\n", text.len()).as_bytes());
-        out.extend_from_slice(text.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        if !write_all(&mut to_client, &out).await {
+        let chunk = format!("{:x}\r\n{text}\r\n", text.len());
+        if !write_all(&mut to_client, chunk.as_bytes()).await {
             break;
         }
-        out = Vec::new();
     }
     debug!("stream closed");
 }
@@ -300,6 +289,23 @@ impl Guarded {
             Poll::Pending => Poll::Pending,
         }
     }
+
+    /// Passes on the outcome of a write, counting written bytes as progress.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match poll {
+            Poll::Ready(result) => {
+                if matches!(result, Ok(n) if n > 0) {
+                    self.progressed();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.pending(cx),
+        }
+    }
 }
 
 impl AsyncRead for Guarded {
@@ -329,15 +335,8 @@ impl AsyncWrite for Guarded {
         bytes: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.tcp).poll_write(cx, bytes) {
-            Poll::Ready(result) => {
-                if matches!(result, Ok(n) if n > 0) {
-                    this.progressed();
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.pending(cx),
-        }
+        let poll = Pin::new(&mut this.tcp).poll_write(cx, bytes);
+        this.wrote(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -346,15 +345,8 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                if matches!(result, Ok(n) if n > 0) {
-                    this.progressed();
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.pending(cx),
-        }
+        let poll = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.wrote(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {

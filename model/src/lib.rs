@@ -8,6 +8,7 @@ pub mod alert;
 pub mod bus;
 pub mod device;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod reading;
 pub mod topic;

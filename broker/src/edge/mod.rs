@@ -121,7 +121,7 @@ impl Edge {
 /// descriptor limit first), so that a full edge refuses devices before their handshake instead
 /// of starving the engine of descriptors.
 fn within_descriptors(mut limits: Limits) -> Limits {
-    let descriptors = descriptors::raise_limit();
+    let descriptors = telemon_model::limits::raise_open_files();
     let fit = descriptors::connections_within(descriptors);
     if limits.max_connections > fit {
         warn!(
