@@ -28,6 +28,12 @@ pub struct IngestArgs {
     #[arg(long)]
     shared_group: Option<String>,
 
+    /// Messages the broker sends this worker before waiting for acknowledgements (Mosquitto:
+    /// its `max_inflight_messages`, 20 by default). With it, a batch closes as soon as the
+    /// window is in hand instead of after a short quiet time.
+    #[arg(long)]
+    broker_window: Option<u64>,
+
     /// Topic mappings for foreign conventions (TOML, see ingest/mappings.toml).
     #[arg(long)]
     mappings: Option<PathBuf>,
@@ -50,6 +56,7 @@ pub async fn run(
     let mut settings = IngestSettings::new(data_dir::spool(data_dir));
     settings.client_id = args.client_id.clone();
     settings.shared_group = args.shared_group.clone();
+    settings.broker_window = args.broker_window;
     let ingest = telemon_ingest::service::start(bus, settings, decoder, store, health.clone())
         .await
         .context("starting ingest")?;

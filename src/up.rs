@@ -116,7 +116,10 @@ pub async fn run(
 
     let ingest = telemon_ingest::service::start(
         engine.bus(),
-        IngestSettings::new(data_dir::spool(data_dir)),
+        IngestSettings {
+            broker_window: Some(telemon_ingest::service::ENGINE_WINDOW),
+            ..IngestSettings::new(data_dir::spool(data_dir))
+        },
         decoder.clone(),
         store.clone(),
         health.clone(),

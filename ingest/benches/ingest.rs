@@ -4,12 +4,15 @@
 //! Two rounds, each into a fresh PostgreSQL database, with the ingest service in this process
 //! at QoS 1 with a persistent session: behind a private Mosquitto (10,000 messages in flight
 //! per session), as `telemon ingest` runs against an external broker; then behind telemon's
-//! own engine (rumqttd, in this process), as in `telemon up`. A publisher sends one reading per
-//! message for 100 devices over one connection, as fast as the broker acknowledges (up to
+//! own engine (rumqttd, in this process), as in `telemon up`. Each broker is measured with two
+//! shapes of the same 100,000 readings: one reading per message (the broker's message rate
+//! dominates), and a bedside monitor's frame of eight vital signs per message. A publisher
+//! sends them for 100 devices over one connection, as fast as the broker acknowledges (up to
 //! 1,000 unacknowledged). The clock runs from the first publish to the acknowledgement (after
 //! commit) of the last message. Then the same readings are COPYed straight into `readings` of
-//! a fresh database. If ingest stalls, a second session with the same client id shows whether
-//! the broker still held the missing messages.
+//! a fresh database. Every round has a broker of its own, so that no earlier subscriber takes
+//! a share. If ingest stalls, a second session with the same client id shows whether the
+//! broker still held the missing messages.
 //!
 //!     TELEMON_TEST_DATABASE_URL=postgres://... cargo bench -p telemon-ingest --bench ingest
 
@@ -36,6 +39,8 @@ const READINGS: usize = 100_000;
 const DEVICES: usize = 100;
 /// QoS 1 publishes the publisher keeps unacknowledged at once; what fits goes out in one write.
 const WINDOW: usize = 1_000;
+/// Mosquitto's `max_inflight_messages` here (its default of 20 would measure the window).
+const MOSQUITTO_WINDOW: u64 = 10_000;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -72,23 +77,74 @@ async fn fresh(admin: &str, name: &str) -> Store {
     store
 }
 
-/// Reading `n`: device n % DEVICES, one millisecond apart.
-fn reading(n: usize, start_ms: i64) -> Reading {
-    Reading {
-        device_id: DeviceId::new(format!("bed-{}", n % DEVICES)).expect("a valid id"),
-        metric: "heart_rate".into(),
-        time: Utc
-            .timestamp_millis_opt(start_ms + n as i64)
-            .single()
-            .expect("a valid time"),
-        value: Value::Number(heart_rate(n) as f64),
-        unit: None,
+/// What a bedside monitor sends in one frame, in order; a message of `k` readings carries the
+/// first `k`.
+const VITALS: [&str; 8] = [
+    "heart_rate",
+    "spo2",
+    "respiratory_rate",
+    "temperature",
+    "systolic_bp",
+    "diastolic_bp",
+    "mean_arterial_pressure",
+    "pulse_rate",
+];
+
+/// How the readings travel: `per_message` readings in each MQTT message.
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    per_message: usize,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "one reading per message",
+        per_message: 1,
+    },
+    Shape {
+        name: "vital-sign frames of 8 readings per message",
+        per_message: 8,
+    },
+];
+
+impl Shape {
+    fn messages(&self) -> usize {
+        READINGS / self.per_message
+    }
+
+    /// Reading `n`: the `n % per_message`-th vital of message `n / per_message`, which comes
+    /// from device m % DEVICES; messages are one millisecond apart.
+    fn reading(&self, n: usize, start_ms: i64) -> Reading {
+        let m = n / self.per_message;
+        let k = n % self.per_message;
+        Reading {
+            device_id: DeviceId::new(format!("bed-{}", m % DEVICES)).expect("a valid id"),
+            metric: VITALS[k].into(),
+            time: Utc
+                .timestamp_millis_opt(start_ms + m as i64)
+                .single()
+                .expect("a valid time"),
+            value: Value::Number(vital(k, m)),
+            unit: None,
+        }
+    }
+
+    /// Message `m` as native JSON.
+    fn payload(&self, m: usize, start_ms: i64) -> String {
+        let mut payload = String::from("{");
+        for (k, metric) in VITALS.iter().enumerate().take(self.per_message) {
+            payload.push_str(&format!(r#""{metric}": {}, "#, vital(k, m)));
+        }
+        payload.push_str(&format!(r#""ts": {}}}"#, start_ms + m as i64));
+        payload
     }
 }
 
 /// Plausible values only: 0 and the like are device sentinels, refused by validation.
-fn heart_rate(n: usize) -> usize {
-    40 + n % 100
+fn vital(k: usize, m: usize) -> f64 {
+    let base = [40.0, 90.0, 10.0, 36.0, 100.0, 60.0, 75.0, 40.0][k];
+    base + (m % 10) as f64
 }
 
 async fn stored_rows(store: &Store) -> usize {
@@ -159,10 +215,13 @@ impl Publisher {
         }
     }
 
-    /// Publishes every reading, waiting for acknowledgements only when the window is full.
-    async fn publish_all(mut self, start_ms: i64) {
-        let mut out = Vec::with_capacity(128 * WINDOW);
-        for n in 0..READINGS {
+    /// Publishes every message, waiting for acknowledgements only when the window is full.
+    /// The connection stays open afterwards: dropping the write half would half-close it, and
+    /// a broker that reads the end of the stream drops the session with the acknowledgements
+    /// it had not yet written.
+    async fn publish_all(&mut self, shape: Shape, start_ms: i64) {
+        let mut out = Vec::with_capacity(256 * WINDOW);
+        for n in 0..shape.messages() {
             let window = self.window.clone();
             let permit = match window.try_acquire() {
                 Ok(permit) => permit,
@@ -173,11 +232,7 @@ impl Publisher {
             };
             permit.forget();
             let topic = format!("devices/bed-{}/telemetry", n % DEVICES);
-            let payload = format!(
-                r#"{{"heart_rate": {}, "ts": {}}}"#,
-                heart_rate(n),
-                start_ms + n as i64
-            );
+            let payload = shape.payload(n, start_ms);
             // Packet ids 1..=65535 in turn: with at most WINDOW outstanding, an id is free
             // again long before it comes round.
             let pkid = (n % 65_535) as u16 + 1;
@@ -263,6 +318,8 @@ struct Broker {
     credentials: Option<(String, String)>,
     /// The broker's own process, when it has one, for its CPU time.
     pid: Option<u32>,
+    /// What the broker sends before it waits for acknowledgements.
+    window: u64,
 }
 
 /// What one round measured.
@@ -285,12 +342,17 @@ impl Round {
 /// is committed and acknowledged; `None` if ingest stalls for 30 s.
 async fn round(
     broker: &Broker,
+    shape: Shape,
     store: Store,
     dir: &std::path::Path,
     start_ms: i64,
 ) -> Option<Round> {
     let health = Health::default();
-    let settings = IngestSettings::new(dir.join(format!("spool-{}", broker.name)));
+    let spool = format!("spool-{}-{}", broker.name, shape.per_message);
+    let settings = IngestSettings {
+        broker_window: Some(broker.window),
+        ..IngestSettings::new(dir.join(spool))
+    };
     let ingest = service::start(
         broker.bus.clone(),
         settings,
@@ -316,7 +378,7 @@ async fn round(
         .credentials
         .as_ref()
         .map(|(u, p)| (u.as_str(), p.as_str()));
-    let publisher = Publisher::connect(broker.port, credentials).await;
+    let mut publisher = Publisher::connect(broker.port, credentials).await;
     let broker_acks = publisher.acked.clone();
     let cpu = || {
         (
@@ -326,13 +388,14 @@ async fn round(
     };
     let cpu_before = cpu();
     let started = Instant::now();
-    publisher.publish_all(start_ms).await;
+    publisher.publish_all(shape, start_ms).await;
     let published = started.elapsed();
     let mut broker_acked = None;
     let mut last = (0, Instant::now());
-    while ingest.acknowledged() < READINGS as u64 {
+    let messages = shape.messages() as u64;
+    while ingest.acknowledged() < messages {
         let acked = broker_acks.load(Ordering::SeqCst);
-        if broker_acked.is_none() && acked >= READINGS as u64 {
+        if broker_acked.is_none() && acked >= messages {
             broker_acked = Some(started.elapsed());
         }
         let acknowledged = ingest.acknowledged();
@@ -341,7 +404,7 @@ async fn round(
         }
         if last.1.elapsed() > Duration::from_secs(30) {
             eprintln!(
-                "{}: ingest stalled at {acknowledged} of {READINGS}, {} in flight, {} \
+                "{}: ingest stalled at {acknowledged} of {messages} messages, {} in flight, {} \
                  acknowledged by the broker (published in {published:?}, health {:?})",
                 broker.name,
                 ingest.in_flight(),
@@ -374,13 +437,13 @@ async fn round(
 
     // The broker may forward the last message before the publisher has read its PUBACK.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while broker_acks.load(Ordering::SeqCst) < READINGS as u64 && Instant::now() < deadline {
+    while broker_acks.load(Ordering::SeqCst) < messages && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let acked = broker_acks.load(Ordering::SeqCst);
-    if acked != READINGS as u64 {
+    if acked != messages {
         eprintln!(
-            "{}: the publisher has {acked} of {READINGS} acknowledgements, though ingest \
+            "{}: the publisher has {acked} of {messages} acknowledgements, though ingest \
              committed every message: the broker has not sent the rest",
             broker.name
         );
@@ -412,7 +475,7 @@ fn start_mosquitto(dir: &std::path::Path) -> (Mosquitto, u16) {
         &config,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n\
-             max_inflight_messages 10000\n"
+             max_inflight_messages {MOSQUITTO_WINDOW}\n"
         ),
     )
     .expect("writing mosquitto.conf");
@@ -430,6 +493,77 @@ fn start_mosquitto(dir: &std::path::Path) -> (Mosquitto, u16) {
     (mosquitto, port)
 }
 
+/// One broker of the given kind, fresh for each round.
+enum Kind {
+    Mosquitto,
+    Engine,
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Mosquitto => "Mosquitto",
+            Kind::Engine => "telemon engine",
+        }
+    }
+}
+
+/// Runs one round behind a fresh broker of `kind`; the broker stops with the round (an engine
+/// idles on: rumqttd has no stop, and its subscriber has nothing more to receive).
+async fn measure(kind: &Kind, shape: Shape, admin: &str, dir: &std::path::Path) -> Option<Round> {
+    let start_ms = Utc::now().timestamp_millis() - 3_600_000;
+    let db = format!("{}_{}", kind.name().replace(" ", "_"), shape.per_message).to_lowercase();
+    let store = fresh(admin, &db).await;
+    match kind {
+        Kind::Mosquitto => {
+            // As `telemon ingest` runs against an external broker.
+            let (mosquitto, port) = start_mosquitto(dir);
+            let broker = Broker {
+                name: kind.name(),
+                port,
+                bus: BusConfig::from_url(&format!("mqtt://127.0.0.1:{port}")).expect("a URL"),
+                credentials: None,
+                pid: Some(mosquitto.0.id()),
+                window: MOSQUITTO_WINDOW,
+            };
+            let measured = round(&broker, shape, store, dir, start_ms).await;
+            drop(mosquitto);
+            measured
+        }
+        Kind::Engine => {
+            // As in `telemon up`; the engine runs in this process, so its CPU is counted with
+            // the publisher's and ingest's.
+            let engine = Engine::start(&EngineSettings::default()).expect("starting the engine");
+            let broker = Broker {
+                name: kind.name(),
+                port: engine.addr(Protocol::V311).port(),
+                credentials: Some((ENGINE_USER.to_string(), engine.secret().to_string())),
+                bus: engine.bus(),
+                pid: None,
+                window: service::ENGINE_WINDOW,
+            };
+            round(&broker, shape, store, dir, start_ms).await
+        }
+    }
+}
+
+/// Raw COPY of the shape's readings, twice into a fresh database each time; the faster counts,
+/// so the ratio errs against the pipeline when the machine is busy.
+async fn raw_copy(shape: Shape, admin: &str) -> f64 {
+    let start_ms = Utc::now().timestamp_millis() - 3_600_000;
+    let rows: Vec<Reading> = (0..READINGS).map(|n| shape.reading(n, start_ms)).collect();
+    let mut raw: f64 = 0.0;
+    for round in 0..2 {
+        let store = fresh(admin, &format!("raw{round}_{}", shape.per_message)).await;
+        let started = Instant::now();
+        for chunk in rows.chunks(2_000) {
+            store.copy_readings_raw(chunk).await.expect("raw COPY");
+        }
+        raw = raw.max(READINGS as f64 / started.elapsed().as_secs_f64());
+    }
+    raw
+}
+
 #[tokio::main]
 async fn main() {
     let Ok(admin) = std::env::var("TELEMON_TEST_DATABASE_URL") else {
@@ -438,74 +572,43 @@ async fn main() {
     };
     let dir = std::env::temp_dir().join(format!("telemon-bench-ingest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
-    let start_ms = Utc::now().timestamp_millis() - 3_600_000;
 
-    // Round 1: behind Mosquitto, as `telemon ingest` runs against an external broker.
-    let (mosquitto, port) = start_mosquitto(&dir);
-    let broker = Broker {
-        name: "Mosquitto",
-        port,
-        bus: BusConfig::from_url(&format!("mqtt://127.0.0.1:{port}")).expect("broker URL"),
-        credentials: None,
-        pid: Some(mosquitto.0.id()),
-    };
-    let behind_mosquitto = round(&broker, fresh(&admin, "mosquitto").await, &dir, start_ms).await;
-    drop(mosquitto);
-
-    // Round 2: behind telemon's own engine, as in `telemon up` (the engine runs in this
-    // process, so its CPU is counted with the publisher's and ingest's).
-    let engine = Engine::start(&EngineSettings::default()).expect("starting the engine");
-    let bus = engine.bus();
-    let broker = Broker {
-        name: "telemon engine",
-        port: engine.addr(Protocol::V311).port(),
-        credentials: Some((ENGINE_USER.to_string(), engine.secret().to_string())),
-        bus,
-        pid: None,
-    };
-    let behind_engine = round(&broker, fresh(&admin, "engine").await, &dir, start_ms).await;
-    let (Some(behind_mosquitto), Some(behind_engine)) = (behind_mosquitto, behind_engine) else {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::process::exit(1);
-    };
-
-    // Raw COPY twice, into a fresh database each time, and the faster counts: the ratio
-    // errs against the pipeline when the machine is busy.
-    let rows: Vec<Reading> = (0..READINGS).map(|n| reading(n, start_ms)).collect();
-    let mut raw: f64 = 0.0;
-    for round in 0..2 {
-        let raw_store = fresh(&admin, &format!("raw{round}")).await;
-        let started = Instant::now();
-        for chunk in rows.chunks(2_000) {
-            raw_store.copy_readings_raw(chunk).await.expect("raw COPY");
+    let mut failed = false;
+    println!("readings: {READINGS} from {DEVICES} devices, QoS 1, each shape and broker fresh");
+    for shape in SHAPES {
+        let mut rounds = Vec::new();
+        for kind in [Kind::Mosquitto, Kind::Engine] {
+            let measured = measure(&kind, shape, &admin, &dir).await;
+            failed |= measured.is_none();
+            rounds.extend(measured.map(|r| (kind.name(), r)));
         }
-        raw = raw.max(READINGS as f64 / started.elapsed().as_secs_f64());
-    }
+        let raw = raw_copy(shape, &admin).await;
 
-    println!("readings: {READINGS} from {DEVICES} devices, one per QoS 1 message");
-    for (name, r) in [
-        ("Mosquitto", &behind_mosquitto),
-        ("telemon engine", &behind_engine),
-    ] {
-        println!("behind {name}:");
-        println!("  rows stored: {}", r.stored);
-        println!(
-            "  publisher: queued in {:.2} s, all acknowledged by the broker in {:.2} s, \
-             last committed at {:.2} s",
-            r.published.as_secs_f64(),
-            r.broker_acked.as_secs_f64(),
-            r.committed.as_secs_f64()
-        );
-        println!(
-            "  CPU meanwhile: broker process {:.2} s, this process {:.2} s",
-            r.cpu_broker, r.cpu_here
-        );
-        println!(
-            "  MQTT publish -> committed row: {:>8.0} readings/s, {:.1}% of raw COPY",
-            r.rate(),
-            100.0 * r.rate() / raw
-        );
+        println!("{} ({} messages):", shape.name, shape.messages());
+        for (name, r) in &rounds {
+            println!("  behind {name}:");
+            println!("    rows stored: {}", r.stored);
+            println!(
+                "    publisher: queued in {:.2} s, all acknowledged by the broker in {:.2} s, \
+                 last committed at {:.2} s",
+                r.published.as_secs_f64(),
+                r.broker_acked.as_secs_f64(),
+                r.committed.as_secs_f64()
+            );
+            println!(
+                "    CPU meanwhile: broker process {:.2} s, this process {:.2} s",
+                r.cpu_broker, r.cpu_here
+            );
+            println!(
+                "    MQTT publish -> committed row: {:>8.0} readings/s, {:.1}% of raw COPY",
+                r.rate(),
+                100.0 * r.rate() / raw
+            );
+        }
+        println!("  raw COPY, same rows and table:   {raw:>8.0} readings/s");
     }
-    println!("raw COPY, same rows and table:   {raw:>8.0} readings/s");
     let _ = std::fs::remove_dir_all(&dir);
+    if failed {
+        std::process::exit(1);
+    }
 }

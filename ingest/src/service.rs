@@ -42,6 +42,10 @@ pub enum IngestError {
     Spool(#[from] SpoolError),
 }
 
+/// What telemon's engine (rumqttd 0.20) sends a connection unacknowledged: a constant there
+/// (`MAX_INFLIGHT` in its router), whatever the listener's `max_inflight_count` says.
+pub const ENGINE_WINDOW: u64 = 100;
+
 /// Dead letters kept, newest first: enough to see what a device has been sending wrong for a
 /// long while, bounded so that a device sending only refused messages (each up to the
 /// broker's 256 KiB) cannot fill the disk.
@@ -65,6 +69,12 @@ pub struct IngestSettings {
     /// and then waits for acknowledgements, which come only once the batch is committed:
     /// waiting out `batch_delay` then would idle both sides.
     pub batch_quiet: Duration,
+    /// Unacknowledged messages the broker sends this session before it waits for
+    /// acknowledgements, when known (telemon's engine: [`ENGINE_WINDOW`]; Mosquitto: its
+    /// `max_inflight_messages`). With that many in hand no more can come, so the batch closes
+    /// at once instead of after `batch_quiet`. A wrong figure costs only speed: too small
+    /// closes batches early, too large falls back on `batch_quiet`.
+    pub broker_window: Option<u64>,
     pub spool_dir: PathBuf,
     /// Disk the spool may use before ingest stops acknowledging (and the broker holds on).
     pub spool_max_bytes: u64,
@@ -78,6 +88,7 @@ impl IngestSettings {
             batch_size: 2_000,
             batch_delay: Duration::from_millis(20),
             batch_quiet: Duration::from_millis(2),
+            broker_window: None,
             spool_dir,
             spool_max_bytes: 1 << 30,
         }
@@ -270,6 +281,7 @@ async fn run(
         counters: Counters::new(),
         refusal_log: Default::default(),
         acknowledged: handle.acknowledged,
+        received: handle.received,
         spooling,
         connection,
     };
@@ -422,6 +434,7 @@ struct Batcher {
     counters: Counters,
     refusal_log: std::collections::HashMap<String, Instant>,
     acknowledged: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
     /// Set while batches go to the spool, so that a reconnect does not report healthy.
     spooling: Arc<AtomicBool>,
     connection: Connection,
@@ -445,8 +458,15 @@ impl Batcher {
         let mut last_drain = Instant::now();
         let mut last_prune = Instant::now();
         let size = self.settings.batch_size;
-        let limits = (self.settings.batch_delay, self.settings.batch_quiet);
-        let (mut carried, mut closed) = collect(&mut rx, size, limits).await;
+        let limits = Closing {
+            size,
+            delay: self.settings.batch_delay,
+            quiet: self.settings.batch_quiet,
+            window: self.settings.broker_window,
+            received: self.received.clone(),
+            acknowledged: self.acknowledged.clone(),
+        };
+        let (mut carried, mut closed) = collect(&mut rx, &limits).await;
         loop {
             let mut batch = Batch::default();
             for message in carried.drain(..) {
@@ -464,9 +484,9 @@ impl Batcher {
                 if closed {
                     return;
                 }
-                (carried, closed) = collect(&mut rx, size, limits).await;
+                (carried, closed) = collect(&mut rx, &limits).await;
             } else {
-                let next = collect(&mut rx, size, limits);
+                let next = collect(&mut rx, &limits);
                 ((), (carried, closed)) = tokio::join!(self.commit(batch), next);
             }
 
@@ -681,10 +701,29 @@ impl Batcher {
 /// its periodic work), then up to `delay` for the rest. Also says whether the channel closed.
 /// Up to `size` messages: waits up to 1 s for the first, then until `delay` has passed since
 /// it or no message has come for `quiet`. Also returns whether the sender is gone.
+/// When a batch being collected closes.
+struct Closing {
+    size: usize,
+    delay: Duration,
+    quiet: Duration,
+    window: Option<u64>,
+    received: Arc<AtomicU64>,
+    acknowledged: Arc<AtomicU64>,
+}
+
+impl Closing {
+    /// Whether the broker has sent all it will before some of it is acknowledged.
+    fn window_full(&self) -> bool {
+        self.window.is_some_and(|window| {
+            let received = self.received.load(Ordering::SeqCst);
+            received.saturating_sub(self.acknowledged.load(Ordering::SeqCst)) >= window
+        })
+    }
+}
+
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<Received>,
-    size: usize,
-    (delay, quiet): (Duration, Duration),
+    limits: &Closing,
 ) -> (Vec<Received>, bool) {
     let mut out = Vec::new();
     match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
@@ -692,9 +731,20 @@ async fn collect(
         Ok(None) => return (out, true),
         Err(_) => return (out, false),
     }
-    let deadline = tokio::time::Instant::now() + delay;
-    while out.len() < size {
-        let wait = deadline.min(tokio::time::Instant::now() + quiet);
+    let deadline = tokio::time::Instant::now() + limits.delay;
+    while out.len() < limits.size {
+        // Whatever is already queued joins the batch; then, if the broker's window is full,
+        // nothing more comes until this batch is acknowledged.
+        match rx.try_recv() {
+            Ok(message) => {
+                out.push(message);
+                continue;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return (out, true),
+            Err(mpsc::error::TryRecvError::Empty) if limits.window_full() => break,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        let wait = deadline.min(tokio::time::Instant::now() + limits.quiet);
         match tokio::time::timeout_at(wait, rx.recv()).await {
             Ok(Some(message)) => out.push(message),
             Ok(None) => return (out, true),
@@ -712,5 +762,81 @@ fn dead_letter(message: &Message<'_>, rejection: Rejection) -> DeadLetter {
         reason: rejection.reason.as_str().to_string(),
         detail: rejection.detail,
         payload: message.payload.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Limits that would hold a batch open for a minute, and `received` messages the broker
+    /// has sent, none acknowledged yet.
+    fn closing(window: Option<u64>, received: u64) -> Closing {
+        Closing {
+            size: 2_000,
+            delay: Duration::from_secs(60),
+            quiet: Duration::from_secs(60),
+            window,
+            received: Arc::new(AtomicU64::new(received)),
+            acknowledged: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// `count` messages waiting, and the sender, kept so that the channel stays open (a closed
+    /// one would end the batch for another reason).
+    fn queue(
+        count: usize,
+    ) -> (
+        mpsc::UnboundedSender<Received>,
+        mpsc::UnboundedReceiver<Received>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for n in 0..count {
+            let publish = Publish::new(format!("devices/bed-{n}/telemetry"), QoS::AtLeastOnce, "1");
+            let message = Received {
+                publish,
+                at: Utc::now(),
+                connection: 0,
+            };
+            tx.send(message).expect("queued");
+        }
+        (tx, rx)
+    }
+
+    #[tokio::test]
+    async fn a_batch_closes_once_the_brokers_window_is_in_hand() {
+        let (_tx, mut rx) = queue(100);
+        let limits = closing(Some(100), 100);
+
+        let collected = tokio::time::timeout(Duration::from_secs(10), collect(&mut rx, &limits))
+            .await
+            .expect("closed without waiting out the quiet time");
+
+        let (batch, closed) = collected;
+        assert_eq!(batch.len(), 100);
+        assert!(!closed);
+    }
+
+    #[tokio::test]
+    async fn a_batch_short_of_the_window_waits_for_the_quiet_time() {
+        let (_tx, mut rx) = queue(99);
+        let mut limits = closing(Some(100), 99);
+        limits.quiet = Duration::from_millis(50);
+        let started = Instant::now();
+
+        let (batch, _) = collect(&mut rx, &limits).await;
+
+        assert_eq!(batch.len(), 99);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn without_a_known_window_a_batch_waits_for_the_quiet_time() {
+        let (_tx, mut rx) = queue(100);
+        let limits = closing(None, 100);
+
+        let waited = tokio::time::timeout(Duration::from_millis(200), collect(&mut rx, &limits));
+
+        assert!(waited.await.is_err(), "closed before the quiet time");
     }
 }

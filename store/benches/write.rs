@@ -1,6 +1,6 @@
 //! Batched writes on PostgreSQL, on the same server in the same run: binary COPY straight into
 //! `readings` (the default, deduplicating inside each batch), COPY through a staging table and
-//! one UNNEST insert (both `ON CONFLICT DO NOTHING`), and raw text COPY without any
+//! one UNNEST insert (both `ON CONFLICT DO NOTHING`), and raw binary COPY without any
 //! deduplication as the yardstick. Prints rows per second for each and their ratio to raw.
 //!
 //!     TELEMON_TEST_DATABASE_URL=postgres://... cargo bench -p telemon-store --bench write
@@ -77,7 +77,7 @@ async fn main() {
         ("binary COPY into readings (default)", Some(PgWrite::Direct)),
         ("COPY + INSERT ... SELECT ON CONFLICT", Some(PgWrite::Copy)),
         ("INSERT ... UNNEST ON CONFLICT", Some(PgWrite::Unnest)),
-        ("raw text COPY, no deduplication", None),
+        ("raw binary COPY, no deduplication", None),
     ];
     let mut best = [0.0f64; 4];
     for round in 0..2 {
