@@ -439,6 +439,10 @@ impl Bench {
         let failed: u64 = next()?.parse()?;
         let elapsed: f64 = next()?.parse()?;
         let client_cpu: f64 = next()?.parse()?;
+        let mut phases = [0.0f64; 4];
+        for phase in &mut phases {
+            *phase = next()?.parse()?;
+        }
         let first_error = fields.collect::<Vec<_>>().join(" ");
         let per_connect = |cpu: f64| cpu * 1e6 / done.max(1) as f64;
         println!(
@@ -453,6 +457,11 @@ impl Bench {
             per_connect(server_cpu),
             per_connect(client_cpu),
             2.0 * done as f64 / server_cpu.max(1e-9),
+        );
+        println!(
+            "  mean time per connect: TCP connect {:.2} ms, TLS handshake {:.2} ms, \
+             CONNECT -> CONNACK {:.2} ms, DISCONNECT and close {:.2} ms",
+            phases[0], phases[1], phases[2], phases[3]
         );
         Ok(())
     }
@@ -600,10 +609,33 @@ fn rss_kib() -> Result<u64, Error> {
     Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
 }
 
+/// Microseconds spent in each phase of the storm's connects, summed over all of them.
+static PHASES: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
 async fn handshake_once(connector: &TlsConnector, port: u16, i: usize) -> Result<(), Error> {
-    let mut tls = mqtt_connect(connector, port, &format!("storm-{i}")).await?;
+    let mut at = Instant::now();
+    let mut lap = |phase: usize| {
+        PHASES[phase].fetch_add(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+        at = Instant::now();
+    };
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    lap(0);
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    lap(1);
+    tls.write_all(&connect_packet(&format!("storm-{i}")))
+        .await?;
+    let mut connack = [0u8; 4];
+    tls.read_exact(&mut connack).await?;
+    if connack != [0x20, 2, 0, 0] {
+        return Err(format!("refused: {connack:?}").into());
+    }
+    lap(2);
     tls.write_all(&[0xe0, 0]).await?;
     tls.shutdown().await?;
+    lap(3);
     Ok(())
 }
 
@@ -646,12 +678,18 @@ async fn storm_clients(args: &[String]) -> Result<(), Error> {
     for w in workers {
         w.await?;
     }
+    let done = done.load(Ordering::Relaxed);
+    let phase = |p: usize| PHASES[p].load(Ordering::Relaxed) as f64 / done.max(1) as f64 / 1e3;
     println!(
-        "{} {} {:.3} {:.3} {}",
-        done.load(Ordering::Relaxed),
+        "{} {} {:.3} {:.3} {:.2} {:.2} {:.2} {:.2} {}",
+        done,
         failed.load(Ordering::Relaxed),
         start.elapsed().as_secs_f64(),
         cpu_seconds() - cpu,
+        phase(0),
+        phase(1),
+        phase(2),
+        phase(3),
         first_error.lock().as_deref().unwrap_or("-")
     );
     Ok(())

@@ -3,6 +3,11 @@
 //! It listens on loopback ports chosen at start-up and accepts only clients that present a
 //! secret generated for this process, which the edge and the in-process services hold. A
 //! device can therefore reach it only through the edge.
+//!
+//! Each protocol has [`LISTENERS`] listeners, and the edge spreads devices across them:
+//! a rumqttd listener accepts on one thread and sleeps after every accept (`tokio::time::
+//! sleep`, which rounds even a zero delay up to the timer's next millisecond tick), so one
+//! listener admits fewer than 1,000 connections a second however idle the machine is.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -19,6 +24,9 @@ use crate::edge::packet::Protocol;
 
 /// The username every engine client presents; the password is the process secret.
 pub const ENGINE_USER: &str = "telemon-edge";
+
+/// Listeners (each with its own accept loop and thread) per protocol.
+pub const LISTENERS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -53,8 +61,8 @@ impl Default for EngineSettings {
 /// A running engine: where it listens and the secret it wants.
 #[derive(Clone)]
 pub struct Engine {
-    v4: SocketAddr,
-    v5: SocketAddr,
+    v4: Arc<[SocketAddr]>,
+    v5: Arc<[SocketAddr]>,
     secret: Arc<str>,
 }
 
@@ -64,9 +72,10 @@ impl Engine {
         let secret: Arc<str> = Alphanumeric
             .sample_string(&mut rand::thread_rng(), 40)
             .into();
-        let v4 = free_loopback_port()?;
-        let v5 = free_loopback_port()?;
-        let config = config(settings, v4, v5, &secret);
+        let ports = free_loopback_ports(2 * LISTENERS).map_err(EngineError::Port)?;
+        let (v4, v5) = ports.split_at(LISTENERS);
+        let (v4, v5): (Arc<[SocketAddr]>, Arc<[SocketAddr]>) = (v4.into(), v5.into());
+        let config = config(settings, &v4, &v5, &secret);
 
         std::thread::Builder::new()
             .name("engine".into())
@@ -79,16 +88,34 @@ impl Engine {
             .map_err(EngineError::Thread)?;
 
         let engine = Engine { v4, v5, secret };
-        engine.wait_listening(Protocol::V311)?;
-        engine.wait_listening(Protocol::V5)?;
+        for addr in engine.v4.iter().chain(engine.v5.iter()) {
+            engine.wait_listening(*addr)?;
+        }
         Ok(engine)
     }
 
-    pub fn addr(&self, protocol: Protocol) -> SocketAddr {
+    fn listeners(&self, protocol: Protocol) -> &[SocketAddr] {
         match protocol {
-            Protocol::V311 => self.v4,
-            Protocol::V5 => self.v5,
+            Protocol::V311 => &self.v4,
+            Protocol::V5 => &self.v5,
         }
+    }
+
+    /// The first listener of the protocol: where the in-process services connect.
+    pub fn addr(&self, protocol: Protocol) -> SocketAddr {
+        self.listeners(protocol)[0]
+    }
+
+    /// Where a device's links go: always the same listener for the same client id. Each
+    /// rumqttd listener keeps its own table of pending wills, and a reconnect cancels a
+    /// delayed will only through the table of the listener it arrives on.
+    pub fn link_addr(&self, protocol: Protocol, client_id: &str) -> SocketAddr {
+        use std::hash::{Hash, Hasher};
+
+        let listeners = self.listeners(protocol);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        client_id.hash(&mut hasher);
+        listeners[hasher.finish() as usize % listeners.len()]
     }
 
     pub fn secret(&self) -> &str {
@@ -97,9 +124,10 @@ impl Engine {
 
     /// How an in-process service (ingest, alerts, API) reaches the engine directly.
     pub fn bus(&self) -> BusConfig {
+        let addr = self.addr(Protocol::V311);
         BusConfig {
-            host: self.v4.ip().to_string(),
-            port: self.v4.port(),
+            host: addr.ip().to_string(),
+            port: addr.port(),
             tls: None,
             username: Some(ENGINE_USER.to_string()),
             password: Some(self.secret.to_string()),
@@ -107,9 +135,9 @@ impl Engine {
     }
 }
 
-fn config(settings: &EngineSettings, v4: SocketAddr, v5: SocketAddr, secret: &str) -> Config {
-    let server = |name: &str, listen| ServerSettings {
-        name: name.to_string(),
+fn config(settings: &EngineSettings, v4: &[SocketAddr], v5: &[SocketAddr], secret: &str) -> Config {
+    let server = |name: String, listen| ServerSettings {
+        name,
         listen,
         tls: None,
         // rumqttd sleeps this long after every accept; the edge already paces connections.
@@ -126,6 +154,16 @@ fn config(settings: &EngineSettings, v4: SocketAddr, v5: SocketAddr, secret: &st
             dynamic_filters: true,
         },
     };
+    let servers = |protocol: &str, addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let name = format!("engine-{protocol}-{i}");
+                (name.clone(), server(name, *addr))
+            })
+            .collect::<HashMap<_, _>>()
+    };
     Config {
         id: 0,
         router: RouterConfig {
@@ -137,25 +175,32 @@ fn config(settings: &EngineSettings, v4: SocketAddr, v5: SocketAddr, secret: &st
             max_segment_count: 10,
             ..Default::default()
         },
-        v4: Some(HashMap::from([("v4".to_string(), server("engine-v4", v4))])),
-        v5: Some(HashMap::from([("v5".to_string(), server("engine-v5", v5))])),
+        v4: Some(servers("v4", v4)),
+        v5: Some(servers("v5", v5)),
         ..Default::default()
     }
 }
 
-fn free_loopback_port() -> Result<SocketAddr, EngineError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(EngineError::Port)?;
-    listener.local_addr().map_err(EngineError::Port)
+/// `count` distinct free loopback ports: all are held until all are chosen, so that none is
+/// handed out twice.
+fn free_loopback_ports(count: usize) -> std::io::Result<Vec<SocketAddr>> {
+    let held = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter().map(TcpListener::local_addr).collect()
 }
 
 impl Engine {
-    /// Waits until the engine answers a real CONNECT on the protocol's port. A bare TCP probe
-    /// would make rumqttd log a failed connection at error level.
-    fn wait_listening(&self, protocol: Protocol) -> Result<(), EngineError> {
-        let addr = self.addr(protocol);
+    /// Waits until the engine answers a real CONNECT on a listener. A bare TCP probe would
+    /// make rumqttd log a failed connection at error level.
+    fn wait_listening(&self, addr: SocketAddr) -> Result<(), EngineError> {
+        let protocol = match self.v4.contains(&addr) {
+            true => Protocol::V311,
+            false => Protocol::V5,
+        };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if self.probe(protocol).is_ok() {
+            if self.probe(protocol, addr).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -163,12 +208,11 @@ impl Engine {
         Err(EngineError::NotListening(addr))
     }
 
-    fn probe(&self, protocol: Protocol) -> std::io::Result<()> {
+    fn probe(&self, protocol: Protocol, addr: SocketAddr) -> std::io::Result<()> {
         use std::io::{Read, Write};
 
         let timeout = Some(Duration::from_millis(500));
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&self.addr(protocol), Duration::from_millis(200))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
         stream.set_read_timeout(timeout)?;
         // A fresh client id per probe. The v4 and v5 listeners share one router, so a reused
         // id makes the router drop one probe as a duplicate; rumqttd 0.20 then leaves a stale

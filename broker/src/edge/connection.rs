@@ -12,12 +12,14 @@ use parking_lot::Mutex;
 use telemon_model::metrics::{self, Counter};
 use telemon_model::DeviceId;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::gates::Gates;
 use super::limits::{LimitState, Permit};
 use super::packet::{self, reason, Connect, Frame, FrameCodec, FrameError, PacketError, Protocol};
 use super::tls::{normalize_serial, ReloadingAcceptor};
@@ -35,6 +37,9 @@ const MAX_BATCH: usize = 64;
 /// A read buffer grows when a larger packet arrives; a larger write goes past its buffer.
 const RELAY_BUFFER: usize = 2 * 1024;
 
+/// How long a closing link waits for the engine to close its end (see [`close_engine_link`]).
+const LINK_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Denials logged at warn level per connection; later ones go to debug so that one
 /// misbehaving device cannot flood the log. All are counted.
 const DENIALS_LOGGED: u32 = 5;
@@ -46,6 +51,8 @@ pub(crate) struct Shared {
     pub limits: LimitState,
     pub tls: Arc<ReloadingAcceptor>,
     pub live: Mutex<HashMap<u64, LiveConnection>>,
+    /// One engine link per identity at a time.
+    pub gates: Arc<Gates>,
     /// Cancelled at shutdown: stops the accept loop and ends every live connection.
     pub shutdown: CancellationToken,
 }
@@ -199,6 +206,7 @@ enum End {
     EngineClosed,
     KeepAlive,
     Cancelled,
+    TakenOver,
     Refused(u8, String),
 }
 
@@ -261,6 +269,14 @@ impl Session {
             }
         }
 
+        // Before the engine hears of this connection, the identity's link open now (if any)
+        // is told to close and has closed.
+        let taken_over = CancellationToken::new();
+        let gates = self.shared.gates.clone();
+        let Some(ticket) = gates.enter(&self.identity, taken_over.clone()).await else {
+            return debug!("a newer connection with this identity came meanwhile; closed");
+        };
+
         let upstream = match self.connect_engine(&connect).await {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -284,23 +300,37 @@ impl Session {
         );
         debug!(protocol = ?connect.protocol, keep_alive = connect.keep_alive, "connected");
 
+        let limits = &self.shared.limits.config;
+        let (erd, ewr) = upstream.into_split();
+        // The engine is trusted and enforces its own payload limit; this bound only guards
+        // against a runaway length field.
+        let mut engine = EngineLink {
+            rx: FramedRead::with_capacity(
+                erd,
+                FrameCodec {
+                    max_packet_size: limits.max_packet_size.max(1 << 20) + 1024,
+                },
+                RELAY_BUFFER,
+            ),
+            tx: BufWriter::with_capacity(RELAY_BUFFER, ewr),
+        };
+        let stop = Stop { cancel, taken_over };
         let end = self
-            .relay(&connect, client_rx, &mut client_tx, upstream, cancel)
+            .relay(&connect, client_rx, &mut client_tx, &mut engine, stop)
             .await;
+        close_engine_link(engine, matches!(end, End::ClientDisconnected)).await;
+        drop(ticket);
         self.shared.live.lock().remove(&id);
         self.finish(connect.protocol, end, &mut client_tx).await;
     }
 
     async fn connect_engine(&self, connect: &Connect) -> std::io::Result<TcpStream> {
         let engine = &self.shared.engine;
-        let mut upstream = TcpStream::connect(engine.addr(connect.protocol)).await?;
+        let client_id = engine_client_id(&self.identity);
+        let mut upstream =
+            TcpStream::connect(engine.link_addr(connect.protocol, &client_id)).await?;
         upstream.set_nodelay(true)?;
-        let rewritten = packet::encode_connect(
-            connect,
-            &engine_client_id(&self.identity),
-            ENGINE_USER,
-            engine.secret(),
-        );
+        let rewritten = packet::encode_connect(connect, &client_id, ENGINE_USER, engine.secret());
         upstream.write_all(&rewritten).await?;
         Ok(upstream)
     }
@@ -310,22 +340,15 @@ impl Session {
         connect: &Connect,
         mut client_rx: FramedRead<impl tokio::io::AsyncRead + Unpin, FrameCodec>,
         client_tx: &mut BufWriter<W>,
-        upstream: TcpStream,
-        cancel: CancellationToken,
+        engine: &mut EngineLink,
+        stop: Stop,
     ) -> End {
         let protocol = connect.protocol;
         let limits = &self.shared.limits.config;
-        let (erd, ewr) = upstream.into_split();
-        // The engine is trusted and enforces its own payload limit; this bound only guards
-        // against a runaway length field.
-        let mut engine_rx = FramedRead::with_capacity(
-            erd,
-            FrameCodec {
-                max_packet_size: limits.max_packet_size.max(1 << 20) + 1024,
-            },
-            RELAY_BUFFER,
-        );
-        let mut engine_tx = BufWriter::with_capacity(RELAY_BUFFER, ewr);
+        let EngineLink {
+            rx: engine_rx,
+            tx: engine_tx,
+        } = engine;
         let idle = keep_alive_limit(connect.keep_alive, limits.max_keep_alive);
         let mut deadline = Instant::now() + idle;
         let mut filter = Filter::default();
@@ -410,7 +433,8 @@ impl Session {
                     }
                 }
                 _ = sleep_until(deadline) => return End::KeepAlive,
-                _ = cancel.cancelled() => return End::Cancelled,
+                _ = stop.cancel.cancelled() => return End::Cancelled,
+                _ = stop.taken_over.cancelled() => return End::TakenOver,
             }
         }
     }
@@ -571,6 +595,10 @@ impl Session {
                 Some(reason::KEEP_ALIVE_TIMEOUT)
             }
             End::Cancelled => Some(reason::ADMINISTRATIVE_ACTION),
+            End::TakenOver => {
+                info!("session taken over by a newer connection");
+                Some(reason::SESSION_TAKEN_OVER)
+            }
             End::Refused(code, detail) => {
                 counters().protocol_errors.inc();
                 warn!(reason = format_args!("0x{code:02x}"), %detail, "closing connection");
@@ -582,6 +610,44 @@ impl Session {
         }
         let _ = client_tx.flush().await;
         let _ = client_tx.shutdown().await;
+    }
+}
+
+/// A device's link to the engine.
+struct EngineLink {
+    rx: FramedRead<OwnedReadHalf, FrameCodec>,
+    tx: BufWriter<OwnedWriteHalf>,
+}
+
+/// What ends a relay from outside: revocation or shutdown, and a newer connection with the
+/// same identity.
+struct Stop {
+    cancel: CancellationToken,
+    taken_over: CancellationToken,
+}
+
+/// Ends an engine link and waits (at most [`LINK_CLOSE_WAIT`]) until the engine has closed its
+/// end, so that the identity's next link cannot overtake the engine's notice of this one (see
+/// [`super::gates`]).
+///
+/// After a DISCONNECT the engine's router drops the link itself, and the edge only waits: were
+/// the edge to close first, rumqttd's link could see the closed socket before the router's
+/// drop and send the router a second, late disconnect for a connection id that by then may
+/// belong to another device, which the router would then drop. Otherwise (the device went
+/// away, the session was taken over, the edge is closing it) the edge closes its end, and
+/// rumqttd tells its router of the lost link (which publishes the will) before it closes the
+/// socket.
+async fn close_engine_link(link: EngineLink, disconnected: bool) {
+    let EngineLink { mut rx, mut tx } = link;
+    let _ = tx.flush().await;
+    if !disconnected {
+        let _ = tx.shutdown().await;
+    }
+    let drained = timeout(LINK_CLOSE_WAIT, async {
+        while let Some(Ok(_)) = rx.next().await {}
+    });
+    if drained.await.is_err() {
+        debug!("the engine kept the link open; closed from this side");
     }
 }
 
@@ -705,5 +771,66 @@ mod tests {
         .unwrap();
         let out = filter.engine_packet(Protocol::V311, frame);
         assert_eq!(&out[..], &[0x90, 5, 0, 4, 0x80, 1, 0x80]);
+    }
+
+    /// A link to a stand-in engine, and the engine's end of it.
+    async fn link_pair() -> (EngineLink, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge_end = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (engine_end, _) = listener.accept().await.unwrap();
+        let (rd, wr) = edge_end.into_split();
+        let link = EngineLink {
+            rx: FramedRead::new(
+                rd,
+                FrameCodec {
+                    max_packet_size: 64,
+                },
+            ),
+            tx: BufWriter::new(wr),
+        };
+        (link, engine_end)
+    }
+
+    /// Whether the engine's end reads the end of the stream within `within`.
+    async fn sees_end(engine_end: &mut TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+
+        let mut buf = [0u8; 16];
+        matches!(timeout(within, engine_end.read(&mut buf)).await, Ok(Ok(0)))
+    }
+
+    #[tokio::test]
+    async fn after_a_disconnect_the_engine_closes_the_link_first() {
+        let (link, mut engine_end) = link_pair().await;
+        let closing = tokio::spawn(close_engine_link(link, true));
+
+        assert!(
+            !sees_end(&mut engine_end, Duration::from_millis(300)).await,
+            "the edge closed the link before the engine did"
+        );
+        assert!(!closing.is_finished(), "returned before the engine closed");
+
+        drop(engine_end);
+        timeout(Duration::from_secs(1), closing)
+            .await
+            .expect("returned once the engine closed")
+            .expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn otherwise_the_edge_closes_and_waits_for_the_engine() {
+        let (link, mut engine_end) = link_pair().await;
+        let closing = tokio::spawn(close_engine_link(link, false));
+
+        assert!(sees_end(&mut engine_end, Duration::from_secs(1)).await);
+        assert!(!closing.is_finished(), "returned before the engine closed");
+
+        drop(engine_end);
+        timeout(Duration::from_secs(1), closing)
+            .await
+            .expect("returned once the engine closed")
+            .expect("no panic");
     }
 }

@@ -7,6 +7,7 @@
 
 mod connection;
 mod descriptors;
+mod gates;
 mod limits;
 pub mod packet;
 mod tls;
@@ -87,6 +88,7 @@ impl Edge {
             limits: limits::LimitState::new(limits),
             tls: tls.clone(),
             live: Default::default(),
+            gates: Default::default(),
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(tls::watch_revocations(tls, shared.clone()));

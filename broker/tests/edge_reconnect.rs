@@ -1,0 +1,67 @@
+//! Devices that disconnect and reconnect at once, many at a time: every connect gets its
+//! CONNACK and every publish its PUBACK. The engine reuses connection ids, and a late notice
+//! of one device's old link must never end another device's new one.
+
+mod common;
+
+use common::{mqtt, Broker};
+
+const DEVICES: usize = 8;
+const CYCLES: usize = 10;
+
+/// Connects, publishes at QoS 1, disconnects; `Err` names the step that failed.
+async fn cycle(broker: &Broker, device: &common::Device, topic: &str) -> Result<(), String> {
+    let (mut raw, connack) = broker
+        .raw(device, &mqtt::connect(4, "", 30, None, None))
+        .await;
+    if connack != [0x20, 2, 0, 0] {
+        return Err(format!("CONNACK {connack:?}"));
+    }
+    raw.send_lossy(&mqtt::publish(4, topic.as_bytes(), Some(7), b"1"))
+        .await;
+    match raw.recv().await {
+        Some(puback) if puback == [0x40, 2, 0, 7] => {}
+        other => return Err(format!("instead of the PUBACK: {other:?}")),
+    }
+    raw.send_lossy(&[0xe0, 0]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_reconnecting_at_once_are_never_dropped() {
+    let broker = std::sync::Arc::new(Broker::start().await);
+    let workers = (0..DEVICES).map(|n| {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let id = format!("bed-{n}");
+            let device = broker.device(&id);
+            let topic = format!("devices/{id}/t");
+            let mut failures = Vec::new();
+            for _ in 0..CYCLES {
+                if let Err(e) = cycle(&broker, &device, &topic).await {
+                    failures.push(format!("{id}: {e}"));
+                }
+            }
+            failures
+        })
+    });
+
+    let mut failures = Vec::new();
+    for worker in workers {
+        failures.extend(worker.await.expect("no panic"));
+    }
+
+    assert!(
+        failures.is_empty(),
+        "{} of {} cycles failed, first: {:?}",
+        failures.len(),
+        DEVICES * CYCLES,
+        failures.first()
+    );
+    let late = broker.device("bed-late");
+    assert_eq!(
+        cycle(&broker, &late, "devices/bed-late/t").await,
+        Ok(()),
+        "a new device gets in afterwards"
+    );
+}
