@@ -65,3 +65,44 @@ async fn devices_reconnecting_at_once_are_never_dropped() {
         "a new device gets in afterwards"
     );
 }
+
+/// A device whose old connection stopped reading (its socket full of commands it never
+/// read) reconnects: the new connection takes the session over at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_takes_over_from_a_connection_that_stopped_reading() {
+    let broker = Broker::start().await;
+    let device = broker.device("bed-1");
+    let (mut stalled, connack) = broker
+        .raw(&device, &mqtt::connect(4, "", 60, None, None))
+        .await;
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    stalled
+        .send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
+        .await;
+    assert_eq!(stalled.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+
+    // More than the sockets between the edge and the device hold, never read.
+    let sender = broker.observer("nothing/#").await;
+    let command = vec![b'x'; 64 * 1024];
+    for _ in 0..400 {
+        sender
+            .client
+            .publish(
+                "devices/bed-1/commands/x",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                command.clone(),
+            )
+            .await
+            .expect("queued");
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+
+    let connect = mqtt::connect(4, "", 60, None, None);
+    let reconnect = broker.raw(&device, &connect);
+    let (_fresh, connack) = tokio::time::timeout(common::PROMPT, reconnect)
+        .await
+        .expect("the new connection answered");
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    drop(stalled);
+}

@@ -371,8 +371,9 @@ impl Session {
                                 }
                             }
                             Verdict::Answer(bytes) => {
-                                if client_tx.write_all(&bytes).await.is_err() {
-                                    return End::ClientClosed;
+                                if let Err(end) = or_stop(client_tx.write_all(&bytes), &stop).await
+                                {
+                                    return end;
                                 }
                             }
                             Verdict::Drop => {}
@@ -396,8 +397,8 @@ impl Session {
                     if engine_tx.flush().await.is_err() {
                         return End::EngineClosed;
                     }
-                    if client_tx.flush().await.is_err() {
-                        return End::ClientClosed;
+                    if let Err(end) = or_stop(client_tx.flush(), &stop).await {
+                        return end;
                     }
                 }
                 frame = engine_rx.next() => {
@@ -406,8 +407,9 @@ impl Session {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
                         match self.delivery(protocol, frame, &mut filter) {
                             Delivery::ToClient(bytes) => {
-                                if client_tx.write_all(&bytes).await.is_err() {
-                                    return End::ClientClosed;
+                                if let Err(end) = or_stop(client_tx.write_all(&bytes), &stop).await
+                                {
+                                    return end;
                                 }
                             }
                             Delivery::Withheld(Some(ack)) => {
@@ -425,8 +427,8 @@ impl Session {
                             None => break,
                         }
                     }
-                    if client_tx.flush().await.is_err() {
-                        return End::ClientClosed;
+                    if let Err(end) = or_stop(client_tx.flush(), &stop).await {
+                        return end;
                     }
                     if engine_tx.flush().await.is_err() {
                         return End::EngineClosed;
@@ -605,11 +607,15 @@ impl Session {
                 Some(code)
             }
         };
-        if let Some(bytes) = code.and_then(|c| packet::disconnect(protocol, c)) {
-            let _ = client_tx.write_all(&bytes).await;
-        }
-        let _ = client_tx.flush().await;
-        let _ = client_tx.shutdown().await;
+        // Bounded: a device that stopped reading must not hold its connection slot.
+        let farewell = async {
+            if let Some(bytes) = code.and_then(|c| packet::disconnect(protocol, c)) {
+                client_tx.write_all(&bytes).await?;
+            }
+            client_tx.flush().await?;
+            client_tx.shutdown().await
+        };
+        let _ = timeout(LINK_CLOSE_WAIT, farewell).await;
     }
 }
 
@@ -624,6 +630,20 @@ struct EngineLink {
 struct Stop {
     cancel: CancellationToken,
     taken_over: CancellationToken,
+}
+
+/// Waits for a write to the device unless the connection is told to end meanwhile: a device
+/// that stopped reading must not keep its link, and so a reconnect with its identity, waiting
+/// on a full socket.
+async fn or_stop<T>(
+    write: impl std::future::Future<Output = std::io::Result<T>>,
+    stop: &Stop,
+) -> Result<T, End> {
+    tokio::select! {
+        written = write => written.map_err(|_| End::ClientClosed),
+        _ = stop.cancel.cancelled() => Err(End::Cancelled),
+        _ = stop.taken_over.cancelled() => Err(End::TakenOver),
+    }
 }
 
 /// Ends an engine link and waits (at most [`LINK_CLOSE_WAIT`]) until the engine has closed its
