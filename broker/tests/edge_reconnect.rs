@@ -106,3 +106,101 @@ async fn a_reconnect_takes_over_from_a_connection_that_stopped_reading() {
     assert_eq!(connack, [0x20, 2, 0, 0]);
     drop(stalled);
 }
+
+/// A device subscribed to its own commands sends large ones faster than it reads them back:
+/// the edge blocks writing to the engine while the engine blocks writing back. The device's
+/// next connection still gets in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_flooding_itself_cannot_lock_out_its_identity() {
+    let broker = Broker::start().await;
+    let device = broker.device("bed-1");
+    let (mut flooding, connack) = broker
+        .raw(&device, &mqtt::connect(4, "", 60, None, None))
+        .await;
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    flooding
+        .send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
+        .await;
+    assert_eq!(flooding.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+
+    // Never read back; the writes stop once every socket on the way is full.
+    let command = mqtt::publish(4, b"devices/bed-1/commands/x", None, &[b'x'; 200_000]);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        for _ in 0..100 {
+            flooding.send_lossy(&command).await;
+        }
+    })
+    .await;
+    drop(flooding);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+
+    let connect = mqtt::connect(4, "", 60, None, None);
+    let (_fresh, connack) = tokio::time::timeout(common::PROMPT, broker.raw(&device, &connect))
+        .await
+        .expect("the new connection answered");
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+}
+
+/// A device that stops reading is disconnected after 1.5 x its keepalive, as a silent one is,
+/// even while the edge is blocked writing to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_that_stops_reading_is_disconnected_within_its_keepalive() {
+    let broker = Broker::start().await;
+    let device = broker.device("bed-1");
+    let (mut stalled, connack) = broker
+        .raw(&device, &mqtt::connect(4, "", 2, None, None))
+        .await;
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    stalled
+        .send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
+        .await;
+    assert_eq!(stalled.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+
+    let sender = broker.observer("nothing/#").await;
+    let command = vec![b'x'; 64 * 1024];
+    for _ in 0..400 {
+        sender
+            .client
+            .publish(
+                "devices/bed-1/commands/x",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                command.clone(),
+            )
+            .await
+            .expect("queued");
+    }
+
+    common::eventually("the stalled device disconnected", common::PROMPT, || {
+        broker.edge.connections() == 0
+    })
+    .await;
+    drop(stalled);
+}
+
+/// A TLS session opened before its certificate was revoked cannot start an MQTT session
+/// afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_made_before_a_revocation_gets_no_session_after_it() {
+    let broker = Broker::start().await;
+    let device = broker.device("bed-1");
+    let early = broker
+        .tls(Some(&device))
+        .await
+        .expect("handshake before the revocation");
+    let mut early = common::Raw::from_stream(early);
+
+    broker.pki.revoke("bed-1").unwrap();
+    // The edge reloads the CRL within a second of the change.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+
+    early
+        .send_lossy(&mqtt::connect(4, "", 30, None, None))
+        .await;
+    let answer = early.recv().await;
+    assert!(
+        answer.as_deref().is_none_or(|p| p != [0x20, 2, 0, 0]),
+        "accepted after revocation: {answer:?}"
+    );
+    assert_eq!(broker.edge.connections(), 0);
+}

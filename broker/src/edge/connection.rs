@@ -40,6 +40,16 @@ const RELAY_BUFFER: usize = 2 * 1024;
 /// How long a closing link waits for the engine to close its end (see [`close_engine_link`]).
 const LINK_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Longest a new connection waits for its identity's previous link to close before it is
+/// refused as busy. The previous link is told to end at once and its writes give way, so
+/// this is reached only if something is stuck.
+const GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Longest a write to the engine may make no progress. The engine reads promptly unless it
+/// is itself blocked writing back to this link (a device subscribed to what it publishes,
+/// sending more than the sockets hold while not reading): then neither side would move again.
+const ENGINE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Denials logged at warn level per connection; later ones go to debug so that one
 /// misbehaving device cannot flood the log. All are counted.
 const DENIALS_LOGGED: u32 = 5;
@@ -180,6 +190,7 @@ pub(crate) async fn serve(
         identity,
         serial,
         denials: 0,
+        connack_relayed: false,
     };
     session.run(tls).instrument(span).await;
 }
@@ -197,9 +208,13 @@ struct Session {
     identity: String,
     serial: Vec<u8>,
     denials: u32,
+    /// Whether the engine's CONNACK has gone to the device: a server must not send a
+    /// DISCONNECT before it (MQTT 5 §3.14.0-1), so until then the edge only closes.
+    connack_relayed: bool,
 }
 
 /// Why a connection ended, for the log.
+#[derive(Clone)]
 enum End {
     ClientClosed,
     ClientDisconnected,
@@ -207,6 +222,10 @@ enum End {
     KeepAlive,
     Cancelled,
     TakenOver,
+    /// The device stopped reading what it was sent.
+    NotReading,
+    /// The engine stopped reading what the device sent.
+    EngineStalled,
     Refused(u8, String),
 }
 
@@ -269,25 +288,10 @@ impl Session {
             }
         }
 
-        // Before the engine hears of this connection, the identity's link open now (if any)
-        // is told to close and has closed.
-        let taken_over = CancellationToken::new();
-        let gates = self.shared.gates.clone();
-        let Some(ticket) = gates.enter(&self.identity, taken_over.clone()).await else {
-            return debug!("a newer connection with this identity came meanwhile; closed");
-        };
-
-        let upstream = match self.connect_engine(&connect).await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                warn!(cause = %e, "engine unreachable; connection refused");
-                let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
-                let _ = client_tx.write_all(&refusal).await;
-                let _ = client_tx.flush().await;
-                return;
-            }
-        };
-
+        // Registered from here on, so that a revocation or shutdown reaches this connection
+        // while it waits; and checked against the CRL now, as a TLS session made before a
+        // revocation would otherwise still get in (the revocation watcher updates the list
+        // before it looks for live connections, so one of the two sees the other).
         let cancel = self.shared.shutdown.child_token();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         self.shared.live.lock().insert(
@@ -298,6 +302,46 @@ impl Session {
                 cancel: cancel.clone(),
             },
         );
+        let registered = Registered {
+            shared: self.shared.clone(),
+            id,
+        };
+        if self.shared.tls.is_revoked(&self.serial) {
+            info!("certificate revoked after its handshake; connection refused");
+            let refusal = packet::connack_refused(connect.protocol, reason::NOT_AUTHORIZED);
+            let _ = timeout(LINK_CLOSE_WAIT, send_now(&mut client_tx, &refusal)).await;
+            return;
+        }
+
+        // Before the engine hears of this connection, the identity's link open now (if any)
+        // is told to close and has closed.
+        let taken_over = CancellationToken::new();
+        let gates = self.shared.gates.clone();
+        let enter = timeout(GATE_WAIT, gates.enter(&self.identity, taken_over.clone()));
+        let entered = tokio::select! {
+            entered = enter => entered,
+            _ = cancel.cancelled() => return debug!("ended while waiting for the previous link"),
+        };
+        let ticket = match entered {
+            Ok(Some(ticket)) => ticket,
+            Ok(None) => return debug!("a newer connection with this identity came meanwhile"),
+            Err(_) => {
+                warn!("the previous link of this identity did not close; connection refused");
+                let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
+                let _ = timeout(LINK_CLOSE_WAIT, send_now(&mut client_tx, &refusal)).await;
+                return;
+            }
+        };
+
+        let upstream = match self.connect_engine(&connect).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                warn!(cause = %e, "engine unreachable; connection refused");
+                let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
+                let _ = timeout(LINK_CLOSE_WAIT, send_now(&mut client_tx, &refusal)).await;
+                return;
+            }
+        };
         debug!(protocol = ?connect.protocol, keep_alive = connect.keep_alive, "connected");
 
         let limits = &self.shared.limits.config;
@@ -320,7 +364,7 @@ impl Session {
             .await;
         close_engine_link(engine, matches!(end, End::ClientDisconnected)).await;
         drop(ticket);
-        self.shared.live.lock().remove(&id);
+        drop(registered);
         self.finish(connect.protocol, end, &mut client_tx).await;
     }
 
@@ -350,6 +394,17 @@ impl Session {
             tx: engine_tx,
         } = engine;
         let idle = keep_alive_limit(connect.keep_alive, limits.max_keep_alive);
+        // Writes to the device may stall no longer than the device may stay silent.
+        let to_client = Bounded {
+            stop: &stop,
+            within: idle,
+            stalled: End::NotReading,
+        };
+        let to_engine = Bounded {
+            stop: &stop,
+            within: ENGINE_WRITE_WAIT,
+            stalled: End::EngineStalled,
+        };
         let mut deadline = Instant::now() + idle;
         let mut filter = Filter::default();
 
@@ -366,20 +421,20 @@ impl Session {
                         };
                         match self.client_packet(protocol, frame, &mut filter) {
                             Verdict::Forward(bytes) => {
-                                if engine_tx.write_all(&bytes).await.is_err() {
-                                    return End::EngineClosed;
+                                let written = to_engine.run(engine_tx.write_all(&bytes));
+                                if let Err(end) = written.await {
+                                    return end.unwrap_or(End::EngineClosed);
                                 }
                             }
                             Verdict::Answer(bytes) => {
-                                if let Err(end) = or_stop(client_tx.write_all(&bytes), &stop).await
-                                {
-                                    return end;
+                                let written = to_client.run(client_tx.write_all(&bytes));
+                                if let Err(end) = written.await {
+                                    return end.unwrap_or(End::ClientClosed);
                                 }
                             }
                             Verdict::Drop => {}
                             Verdict::Disconnect(bytes) => {
-                                let _ = engine_tx.write_all(&bytes).await;
-                                let _ = engine_tx.flush().await;
+                                let _ = to_engine.run(send_now(engine_tx, &bytes)).await;
                                 return End::ClientDisconnected;
                             }
                             Verdict::Close(end) => return end,
@@ -394,27 +449,29 @@ impl Session {
                             None => break,
                         }
                     }
-                    if engine_tx.flush().await.is_err() {
-                        return End::EngineClosed;
+                    if let Err(end) = to_engine.run(engine_tx.flush()).await {
+                        return end.unwrap_or(End::EngineClosed);
                     }
-                    if let Err(end) = or_stop(client_tx.flush(), &stop).await {
-                        return end;
+                    if let Err(end) = to_client.run(client_tx.flush()).await {
+                        return end.unwrap_or(End::ClientClosed);
                     }
                 }
                 frame = engine_rx.next() => {
                     let mut next = frame;
                     for n in 1..=MAX_BATCH {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
+                        self.connack_relayed |= frame.packet_type() == packet::CONNACK;
                         match self.delivery(protocol, frame, &mut filter) {
                             Delivery::ToClient(bytes) => {
-                                if let Err(end) = or_stop(client_tx.write_all(&bytes), &stop).await
-                                {
-                                    return end;
+                                let written = to_client.run(client_tx.write_all(&bytes));
+                                if let Err(end) = written.await {
+                                    return end.unwrap_or(End::ClientClosed);
                                 }
                             }
                             Delivery::Withheld(Some(ack)) => {
-                                if engine_tx.write_all(&ack).await.is_err() {
-                                    return End::EngineClosed;
+                                let written = to_engine.run(engine_tx.write_all(&ack));
+                                if let Err(end) = written.await {
+                                    return end.unwrap_or(End::EngineClosed);
                                 }
                             }
                             Delivery::Withheld(None) => {}
@@ -427,11 +484,11 @@ impl Session {
                             None => break,
                         }
                     }
-                    if let Err(end) = or_stop(client_tx.flush(), &stop).await {
-                        return end;
+                    if let Err(end) = to_client.run(client_tx.flush()).await {
+                        return end.unwrap_or(End::ClientClosed);
                     }
-                    if engine_tx.flush().await.is_err() {
-                        return End::EngineClosed;
+                    if let Err(end) = to_engine.run(engine_tx.flush()).await {
+                        return end.unwrap_or(End::EngineClosed);
                     }
                 }
                 _ = sleep_until(deadline) => return End::KeepAlive,
@@ -601,12 +658,24 @@ impl Session {
                 info!("session taken over by a newer connection");
                 Some(reason::SESSION_TAKEN_OVER)
             }
+            End::NotReading => {
+                info!("device stopped reading; disconnecting");
+                Some(reason::KEEP_ALIVE_TIMEOUT)
+            }
+            End::EngineStalled => {
+                // Seen with a device subscribed to what it publishes, sending large messages
+                // faster than it reads them back.
+                warn!("engine link stalled; disconnecting");
+                Some(reason::SERVER_BUSY)
+            }
             End::Refused(code, detail) => {
                 counters().protocol_errors.inc();
                 warn!(reason = format_args!("0x{code:02x}"), %detail, "closing connection");
                 Some(code)
             }
         };
+        // No DISCONNECT before the CONNACK (MQTT 5 §3.14.0-1): such a connection only closes.
+        let code = code.filter(|_| self.connack_relayed);
         // Bounded: a device that stopped reading must not hold its connection slot.
         let farewell = async {
             if let Some(bytes) = code.and_then(|c| packet::disconnect(protocol, c)) {
@@ -632,17 +701,53 @@ struct Stop {
     taken_over: CancellationToken,
 }
 
-/// Waits for a write to the device unless the connection is told to end meanwhile: a device
-/// that stopped reading must not keep its link, and so a reconnect with its identity, waiting
-/// on a full socket.
-async fn or_stop<T>(
-    write: impl std::future::Future<Output = std::io::Result<T>>,
-    stop: &Stop,
-) -> Result<T, End> {
-    tokio::select! {
-        written = write => written.map_err(|_| End::ClientClosed),
-        _ = stop.cancel.cancelled() => Err(End::Cancelled),
-        _ = stop.taken_over.cancelled() => Err(End::TakenOver),
+/// Bounds for the writes of one direction of a relay.
+struct Bounded<'a> {
+    stop: &'a Stop,
+    /// Longest a write may take.
+    within: std::time::Duration,
+    /// Why the connection ends when it takes longer.
+    stalled: End,
+}
+
+impl Bounded<'_> {
+    /// Waits for a write unless it stalls or the connection is told to end meanwhile: a
+    /// device that stopped reading must not keep its link (and with it a reconnect of its
+    /// identity) waiting on a full socket. `Err(None)` when the write failed.
+    async fn run<T>(
+        &self,
+        write: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, Option<End>> {
+        tokio::select! {
+            written = timeout(self.within, write) => match written {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(_)) => Err(None),
+                Err(_) => Err(Some(self.stalled.clone())),
+            },
+            _ = self.stop.cancel.cancelled() => Err(Some(End::Cancelled)),
+            _ = self.stop.taken_over.cancelled() => Err(Some(End::TakenOver)),
+        }
+    }
+}
+
+/// Writes and flushes at once.
+async fn send_now<W: AsyncWrite + Unpin>(
+    tx: &mut BufWriter<W>,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    tx.write_all(bytes).await?;
+    tx.flush().await
+}
+
+/// Removes a connection from the live table when it ends, however it ends.
+struct Registered {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.live.lock().remove(&self.id);
     }
 }
 
@@ -659,14 +764,14 @@ async fn or_stop<T>(
 /// socket.
 async fn close_engine_link(link: EngineLink, disconnected: bool) {
     let EngineLink { mut rx, mut tx } = link;
-    let _ = tx.flush().await;
-    if !disconnected {
-        let _ = tx.shutdown().await;
-    }
-    let drained = timeout(LINK_CLOSE_WAIT, async {
+    let closed = timeout(LINK_CLOSE_WAIT, async {
+        let _ = tx.flush().await;
+        if !disconnected {
+            let _ = tx.shutdown().await;
+        }
         while let Some(Ok(_)) = rx.next().await {}
     });
-    if drained.await.is_err() {
+    if closed.await.is_err() {
         debug!("the engine kept the link open; closed from this side");
     }
 }

@@ -31,6 +31,9 @@ struct Slot {
     latest: u64,
     /// Cancelled when a newer connection arrives: the link holding the gate.
     holder: Option<CancellationToken>,
+    /// Cancelled when a newer connection arrives: the one waiting for the gate, which then
+    /// gives way at once, so that an identity never has more than one connection waiting.
+    waiting: Option<CancellationToken>,
 }
 
 /// The right to hold the identity's engine link, until dropped.
@@ -49,6 +52,7 @@ impl Gates {
         identity: &str,
         taken_over: CancellationToken,
     ) -> Option<Ticket> {
+        let superseded = CancellationToken::new();
         let (gate, number) = {
             let mut slots = self.slots.lock();
             let slot = slots.entry(identity.to_string()).or_default();
@@ -56,6 +60,9 @@ impl Gates {
             slot.latest += 1;
             if let Some(holder) = &slot.holder {
                 holder.cancel();
+            }
+            if let Some(older) = slot.waiting.replace(superseded.clone()) {
+                older.cancel();
             }
             (slot.gate.clone(), slot.latest)
         };
@@ -65,13 +72,17 @@ impl Gates {
             guard: None,
         };
 
-        let guard = gate.lock_owned().await;
+        let guard = tokio::select! {
+            guard = gate.lock_owned() => guard,
+            _ = superseded.cancelled() => return None,
+        };
 
         let mut slots = self.slots.lock();
         let slot = slots.get_mut(identity)?;
         if slot.latest != number {
             return None;
         }
+        slot.waiting = None;
         slot.holder = Some(taken_over);
         ticket.guard = Some(guard);
         drop(slots);
@@ -158,12 +169,14 @@ mod tests {
         let second = enter(gates.clone());
         tokio::time::sleep(Duration::from_millis(20)).await;
         let third = enter(gates.clone());
-        tokio::time::sleep(Duration::from_millis(20)).await;
 
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the older waiting connection gave way at once, the gate still held")
+            .expect("no panic");
+        assert!(second.is_none());
         drop(first);
-        let second = second.await.expect("no panic");
         let third = third.await.expect("no panic");
-        assert!(second.is_none(), "an older waiting connection gives way");
         assert!(third.is_some());
         drop(third);
         assert_eq!(gates.len(), 0);

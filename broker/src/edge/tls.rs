@@ -46,17 +46,29 @@ pub(crate) struct ReloadingAcceptor {
     files: TlsFiles,
     current: ArcSwap<TlsAcceptor>,
     stamps: Mutex<Vec<Option<SystemTime>>>,
+    /// Serials on the CRL, for connections whose handshake came before a revocation.
+    revoked: ArcSwap<HashSet<Vec<u8>>>,
 }
 
 impl ReloadingAcceptor {
     pub fn new(files: TlsFiles) -> Result<Self, TlsError> {
         let acceptor = build(&files)?;
         let stamps = stamps(&files);
-        Ok(ReloadingAcceptor {
+        let acceptor = ReloadingAcceptor {
             files,
             current: ArcSwap::from_pointee(acceptor),
             stamps: Mutex::new(stamps),
-        })
+            revoked: ArcSwap::default(),
+        };
+        acceptor
+            .revoked
+            .store(Arc::new(acceptor.revoked_serials()?));
+        Ok(acceptor)
+    }
+
+    /// Whether a certificate serial (normalized) is on the CRL as last loaded.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.revoked.load().contains(serial)
     }
 
     pub fn acceptor(&self) -> Arc<TlsAcceptor> {
@@ -152,8 +164,14 @@ pub(crate) async fn watch_revocations(tls: Arc<ReloadingAcceptor>, shared: Arc<S
                 continue;
             }
         }
+        // The list first, then the live connections: a connection registers itself before it
+        // checks the list, so either it sees the new list or this sees it.
         match tls.revoked_serials() {
-            Ok(serials) => shared.disconnect_revoked(&serials),
+            Ok(serials) => {
+                let serials = Arc::new(serials);
+                tls.revoked.store(serials.clone());
+                shared.disconnect_revoked(&serials);
+            }
             Err(e) => warn!(cause = %e, "revocation list unreadable"),
         }
     }
