@@ -945,10 +945,24 @@ mod tests {
         let closing = tokio::spawn(close_engine_link(link, true));
 
         assert!(
-            !sees_end(&mut engine_end, Duration::from_millis(300)).await,
-            "the edge closed the link before the engine did"
+            !sees_end(&mut engine_end, ENGINE_CLOSE_WAIT / 2).await,
+            "the edge closed the link before the engine had time to"
         );
         assert!(!closing.is_finished(), "returned before the engine closed");
+
+        drop(engine_end);
+        timeout(Duration::from_secs(1), closing)
+            .await
+            .expect("returned once the engine closed")
+            .expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn after_a_disconnect_the_edge_closes_if_the_engine_does_not() {
+        let (link, mut engine_end) = link_pair().await;
+        let closing = tokio::spawn(close_engine_link(link, true));
+
+        assert!(sees_end(&mut engine_end, LINK_CLOSE_WAIT).await);
 
         drop(engine_end);
         timeout(Duration::from_secs(1), closing)
