@@ -721,6 +721,12 @@ impl Bounded<'_> {
         &self,
         write: impl std::future::Future<Output = std::io::Result<T>>,
     ) -> Result<T, Option<End>> {
+        // Most writes complete at once into the buffer: those touch neither a timer nor the
+        // tokens. (A future polled once may be polled again later with another waker.)
+        let mut write = std::pin::pin!(write);
+        if let Some(written) = write.as_mut().now_or_never() {
+            return written.map_err(|_| None);
+        }
         tokio::select! {
             written = timeout(self.within, write) => match written {
                 Ok(Ok(value)) => Ok(value),
