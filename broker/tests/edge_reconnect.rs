@@ -204,3 +204,26 @@ async fn a_connection_made_before_a_revocation_gets_no_session_after_it() {
     );
     assert_eq!(broker.edge.connections(), 0);
 }
+
+/// A device may send before it has its CONNACK; the edge's own answers (here a refused
+/// subscription) still come after it: a server's first packet is the CONNACK.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_edges_own_answers_never_come_before_the_connack() {
+    let broker = Broker::start().await;
+    let device = broker.device("bed-1");
+    for level in [4u8, 5] {
+        let stream = broker.tls(Some(&device)).await.expect("handshake");
+        let mut raw = common::Raw::from_stream(stream);
+        let mut both = mqtt::connect(level, "", 30, None, None);
+        both.extend(mqtt::subscribe(level, 1, &["devices/bed-2/#"]));
+        raw.send(&both).await;
+
+        let first = raw.recv().await.expect("a packet");
+        assert_eq!(first[0], 0x20, "MQTT {level}: first packet {first:?}");
+        let second = raw.recv().await.expect("the SUBACK");
+        assert_eq!(second[0], 0x90, "MQTT {level}: second packet {second:?}");
+        // 0x80 (failure) on 3.1.1, 0x87 (not authorized) on MQTT 5.
+        let refused = if level == 4 { 0x80 } else { 0x87 };
+        assert_eq!(second.last(), Some(&refused), "MQTT {level}: {second:?}");
+    }
+}

@@ -40,8 +40,9 @@ const RELAY_BUFFER: usize = 2 * 1024;
 /// How long a closing link waits for the engine to close its end (see [`close_engine_link`]).
 const LINK_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How long the edge leaves closing a link to the engine after a device's DISCONNECT.
-const ENGINE_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long the edge leaves closing a link to the engine after a device's DISCONNECT: the
+/// engine nearly always closes it within a millisecond, and a busy one within seconds.
+const DISCONNECTED_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Longest a new connection waits for its identity's previous link to close before it is
 /// refused as busy. The previous link is told to end at once and its writes give way, so
@@ -323,11 +324,15 @@ impl Session {
         let enter = timeout(GATE_WAIT, gates.enter(&self.identity, taken_over.clone()));
         let entered = tokio::select! {
             entered = enter => entered,
-            _ = cancel.cancelled() => return debug!("ended while waiting for the previous link"),
+            _ = cancel.cancelled() => Ok(None),
         };
         let ticket = match entered {
             Ok(Some(ticket)) => ticket,
-            Ok(None) => return debug!("a newer connection with this identity came meanwhile"),
+            Ok(None) => {
+                debug!("a newer connection with this identity came, or an end; closed");
+                let _ = timeout(LINK_CLOSE_WAIT, client_tx.shutdown()).await;
+                return;
+            }
             Err(_) => {
                 warn!("the previous link of this identity did not close; connection refused");
                 let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
@@ -365,10 +370,20 @@ impl Session {
         let end = self
             .relay(&connect, client_rx, &mut client_tx, &mut engine, stop)
             .await;
-        close_engine_link(engine, matches!(end, End::ClientDisconnected)).await;
-        drop(ticket);
+        if matches!(end, End::ClientDisconnected) {
+            // The engine's router ends the link on the DISCONNECT, and must be the one to close
+            // it (see `close_engine_link`); however long that takes, the identity's next link
+            // need not wait: the router hands a duplicate client id over by itself, and the
+            // DISCONNECT queued for the old link touches nothing else.
+            drop(ticket);
+            self.finish(connect.protocol, end, &mut client_tx).await;
+            close_engine_link(engine, true).await;
+        } else {
+            close_engine_link(engine, false).await;
+            drop(ticket);
+            self.finish(connect.protocol, end, &mut client_tx).await;
+        }
         drop(registered);
-        self.finish(connect.protocol, end, &mut client_tx).await;
     }
 
     async fn connect_engine(&self, connect: &Connect) -> std::io::Result<TcpStream> {
@@ -410,6 +425,8 @@ impl Session {
         };
         let mut deadline = Instant::now() + idle;
         let mut filter = Filter::default();
+        // The edge's own answers to packets that came before the engine's CONNACK.
+        let mut before_connack: Vec<Bytes> = Vec::new();
 
         loop {
             tokio::select! {
@@ -428,6 +445,11 @@ impl Session {
                                 if let Err(end) = written.await {
                                     return end.unwrap_or(End::EngineClosed);
                                 }
+                            }
+                            // The device's first packet from the server must be the CONNACK
+                            // (MQTT-3.2.0-1); a device may send before it has one.
+                            Verdict::Answer(bytes) if !self.connack_relayed => {
+                                before_connack.push(bytes);
                             }
                             Verdict::Answer(bytes) => {
                                 let written = to_client.run(client_tx.write_all(&bytes));
@@ -463,12 +485,25 @@ impl Session {
                     let mut next = frame;
                     for n in 1..=MAX_BATCH {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
-                        self.connack_relayed |= frame.packet_type() == packet::CONNACK;
+                        let connack = frame.packet_type() == packet::CONNACK;
+                        self.connack_relayed |= connack;
                         match self.delivery(protocol, frame, &mut filter) {
                             Delivery::ToClient(bytes) => {
                                 let written = to_client.run(client_tx.write_all(&bytes));
                                 if let Err(end) = written.await {
                                     return end.unwrap_or(End::ClientClosed);
+                                }
+                                // Then what the edge answered before it.
+                                let answers = if connack {
+                                    std::mem::take(&mut before_connack)
+                                } else {
+                                    Vec::new()
+                                };
+                                for bytes in answers {
+                                    let written = to_client.run(client_tx.write_all(&bytes));
+                                    if let Err(end) = written.await {
+                                        return end.unwrap_or(End::ClientClosed);
+                                    }
                                 }
                             }
                             Delivery::Withheld(Some(ack)) => {
@@ -760,38 +795,36 @@ impl Drop for Registered {
     }
 }
 
-/// Ends an engine link and waits (at most [`LINK_CLOSE_WAIT`]) until the engine has closed its
-/// end, so that the identity's next link cannot overtake the engine's notice of this one (see
+/// Ends an engine link and waits until the engine has closed its end, so that the
+/// identity's next link cannot overtake the engine's notice of this one (see
 /// [`super::gates`]).
 ///
-/// After a DISCONNECT the engine's router drops the link itself, and the edge only waits: were
-/// the edge to close first, rumqttd's link could see the closed socket before the router's
-/// drop and send the router a second, late disconnect for a connection id that by then may
-/// belong to another device, which the router would then drop. Otherwise (the device went
-/// away, the session was taken over, the edge is closing it) the edge closes its end, and
-/// rumqttd tells its router of the lost link (which publishes the will) before it closes the
-/// socket.
+/// After a DISCONNECT the engine's router drops the link itself, and the edge only waits (at
+/// most [`DISCONNECTED_CLOSE_WAIT`]): were the edge to close first, rumqttd's link could see the
+/// closed socket before its router has taken the queued DISCONNECT and send it a second, late
+/// notice for a connection id that may by then belong to another device, which the router
+/// would then drop (before its CONNACK, poisoning the listener). Otherwise (the device went
+/// away, the session was taken over, the edge is closing it) the edge closes its end at once
+/// and waits at most [`LINK_CLOSE_WAIT`]: rumqttd tells its router of the lost link (which
+/// publishes the will) before it closes the socket.
 async fn close_engine_link(link: EngineLink, disconnected: bool) {
     let EngineLink { mut rx, mut tx } = link;
-    let closed = timeout(LINK_CLOSE_WAIT, async {
+    let wait = match disconnected {
+        true => DISCONNECTED_CLOSE_WAIT,
+        false => LINK_CLOSE_WAIT,
+    };
+    let closed = timeout(wait, async {
         let _ = tx.flush().await;
-        // After a DISCONNECT the engine nearly always closes within a millisecond; in about
-        // one disconnect in a thousand under a reconnect storm it does not, and then the edge
-        // closes its end after all (the engine's router has not taken the DISCONNECT then,
-        // so its notice of the closed link is not a late one).
-        if disconnected {
-            let engine_closed = timeout(ENGINE_CLOSE_WAIT, async {
-                while let Some(Ok(_)) = rx.next().await {}
-            });
-            if engine_closed.await.is_ok() {
-                return;
-            }
+        if !disconnected {
+            let _ = tx.shutdown().await;
         }
-        let _ = tx.shutdown().await;
         while let Some(Ok(_)) = rx.next().await {}
     });
     if closed.await.is_err() {
-        debug!("the engine kept the link open; closed from this side");
+        warn!(
+            ?wait,
+            "the engine kept the link open; closed from this side"
+        );
     }
 }
 
@@ -951,24 +984,10 @@ mod tests {
         let closing = tokio::spawn(close_engine_link(link, true));
 
         assert!(
-            !sees_end(&mut engine_end, ENGINE_CLOSE_WAIT / 2).await,
-            "the edge closed the link before the engine had time to"
+            !sees_end(&mut engine_end, Duration::from_secs(1)).await,
+            "the edge closed the link before the engine did"
         );
         assert!(!closing.is_finished(), "returned before the engine closed");
-
-        drop(engine_end);
-        timeout(Duration::from_secs(1), closing)
-            .await
-            .expect("returned once the engine closed")
-            .expect("no panic");
-    }
-
-    #[tokio::test]
-    async fn after_a_disconnect_the_edge_closes_if_the_engine_does_not() {
-        let (link, mut engine_end) = link_pair().await;
-        let closing = tokio::spawn(close_engine_link(link, true));
-
-        assert!(sees_end(&mut engine_end, LINK_CLOSE_WAIT).await);
 
         drop(engine_end);
         timeout(Duration::from_secs(1), closing)
