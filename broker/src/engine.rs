@@ -227,6 +227,12 @@ impl Engine {
         let mut connack = [0u8; 4];
         stream.read_exact(&mut connack[..2])?;
         // DISCONNECT with no reason code: normal disconnection in both protocol versions.
-        stream.write_all(&[0xe0, 0x00])
+        // Then the engine closes first (as the edge lets it; see the edge's link closing):
+        // closing from here could leave the engine a late notice for a connection id that the
+        // next probe already holds.
+        stream.write_all(&[0xe0, 0x00])?;
+        let mut rest = [0u8; 16];
+        while stream.read(&mut rest)? > 0 {}
+        Ok(())
     }
 }
