@@ -160,3 +160,33 @@ async fn a_packet_over_the_maximum_size_closes_that_connection_only() {
         "devices/bed-2/t"
     );
 }
+
+/// An MQTT 5 client that asks for no keepalive is held to the edge's maximum silence, and its
+/// CONNACK says so (Server Keep Alive); one that asks for a shorter one is told nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt5_clients_are_told_the_server_keep_alive() {
+    let limits = Limits {
+        max_keep_alive: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let broker = Broker::start_with(limits, None).await;
+    let device = broker.device("bed-1");
+
+    // The engine's CONNACK as it comes: flags, reason, properties.
+    let (short, plain) = broker
+        .raw(&device, &mqtt::connect(5, "", 30, None, None))
+        .await;
+    assert_eq!(plain[..4], [0x20, plain[1], 0, 0], "accepted: {plain:?}");
+    drop(short);
+
+    let (_none, told) = broker
+        .raw(&device, &mqtt::connect(5, "", 0, None, None))
+        .await;
+    // 60 s of silence at most: a keepalive of 40 s, 1.5 times of which fits, as one more
+    // property (0x13) after the engine's.
+    let mut expected = plain.clone();
+    expected[1] += 3;
+    expected[4] += 3;
+    expected.extend([0x13, 0, 40]);
+    assert_eq!(told, expected);
+}

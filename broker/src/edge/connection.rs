@@ -412,6 +412,7 @@ impl Session {
             tx: engine_tx,
         } = engine;
         let idle = keep_alive_limit(connect.keep_alive, limits.max_keep_alive);
+        let announce_keep_alive = server_keep_alive(protocol, connect.keep_alive, idle);
         // Writes to the device may stall no longer than the device may stay silent.
         let to_client = Bounded {
             stop: &stop,
@@ -487,7 +488,13 @@ impl Session {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
                         let connack = frame.packet_type() == packet::CONNACK;
                         self.connack_relayed |= connack;
-                        match self.delivery(protocol, frame, &mut filter) {
+                        let delivery = match announce_keep_alive {
+                            Some(seconds) if connack => Delivery::ToClient(
+                                packet::connack_with_server_keep_alive(&frame, seconds),
+                            ),
+                            _ => self.delivery(protocol, frame, &mut filter),
+                        };
+                        match delivery {
                             Delivery::ToClient(bytes) => {
                                 let written = to_client.run(client_tx.write_all(&bytes));
                                 if let Err(end) = written.await {
@@ -837,6 +844,18 @@ fn engine_client_id(identity: &str) -> String {
     format!("{DEVICE_CLIENT_PREFIX}{identity}")
 }
 
+/// The Server Keep Alive to announce in an MQTT 5 CONNACK: when the edge holds the client to
+/// a shorter silence than its keepalive asked for (none, or one above the configured maximum),
+/// the client is told a keepalive whose 1.5 times fits, so that it pings in time.
+fn server_keep_alive(protocol: Protocol, asked: u16, idle: std::time::Duration) -> Option<u16> {
+    let asked_idle = std::time::Duration::from_millis(asked as u64 * 1500);
+    if protocol != Protocol::V5 || (asked != 0 && asked_idle <= idle) {
+        return None;
+    }
+    let seconds = (idle.as_secs_f64() / 1.5).floor();
+    Some(seconds.clamp(1.0, u16::MAX as f64) as u16)
+}
+
 /// How long a client may stay silent: 1.5 times its keepalive (MQTT §3.1.2.10), with no
 /// keepalive or a very long one capped so that dead sockets are reclaimed.
 fn keep_alive_limit(keep_alive: u16, max: std::time::Duration) -> std::time::Duration {
@@ -923,6 +942,39 @@ impl Filter {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn mqtt5_clients_are_told_the_keepalive_the_edge_holds_them_to() {
+        let max = Duration::from_secs(3600);
+        let told = |asked| server_keep_alive(Protocol::V5, asked, keep_alive_limit(asked, max));
+        assert_eq!(
+            told(0),
+            Some(2400),
+            "no keepalive asked: held to the maximum"
+        );
+        assert_eq!(told(u16::MAX), Some(2400), "more than the maximum");
+        assert_eq!(told(60), None, "within the maximum: nothing to say");
+        assert_eq!(told(2400), None);
+        let v311 = server_keep_alive(Protocol::V311, 0, keep_alive_limit(0, max));
+        assert_eq!(v311, None, "3.1.1 has no way to say it");
+    }
+
+    #[test]
+    fn the_server_keep_alive_is_added_to_the_connacks_properties() {
+        // CONNACK: flags 0, success, properties: topic alias maximum (0x22) 10.
+        let engine = [0x20, 6, 0, 0, 3, 0x22, 0, 10];
+        let mut buf = bytes::BytesMut::from(&engine[..]);
+        let frame = tokio_util::codec::Decoder::decode(
+            &mut FrameCodec {
+                max_packet_size: 64,
+            },
+            &mut buf,
+        )
+        .unwrap()
+        .unwrap();
+        let out = packet::connack_with_server_keep_alive(&frame, 2400);
+        assert_eq!(&out[..], &[0x20, 9, 0, 0, 6, 0x22, 0, 10, 0x13, 0x09, 0x60]);
+    }
 
     #[test]
     fn keep_alive_is_one_and_a_half_times_with_a_cap() {

@@ -559,6 +559,75 @@ pub fn suback_refused(protocol: Protocol) -> u8 {
     }
 }
 
+/// An MQTT 5 CONNACK with a Server Keep Alive property (0x13) of `seconds` added, which the
+/// client must then use instead of the keepalive it asked for (MQTT 5 §3.2.2.3.14). The
+/// CONNACK comes unchanged if it is malformed or already carries one.
+pub fn connack_with_server_keep_alive(frame: &Frame, seconds: u16) -> Bytes {
+    let body = frame.body();
+    let (Some(flags_and_code), Ok(Some((props_len, props_len_size)))) = (
+        body.get(..2),
+        read_varint(body.get(2..).unwrap_or_default()),
+    ) else {
+        return frame.raw.clone();
+    };
+    let props_start = 2 + props_len_size;
+    let Some(props) = body.get(props_start..props_start + props_len) else {
+        return frame.raw.clone();
+    };
+    if has_property(props, SERVER_KEEP_ALIVE) {
+        return frame.raw.clone();
+    }
+
+    let mut out = BytesMut::with_capacity(body.len() + 3);
+    out.put_slice(flags_and_code);
+    put_varint(&mut out, props_len + 3);
+    out.put_slice(props);
+    out.put_u8(SERVER_KEEP_ALIVE);
+    out.put_u16(seconds);
+    out.put_slice(&body[props_start + props_len..]);
+    packet(CONNACK << 4, &out)
+}
+
+/// MQTT 5 property identifier of Server Keep Alive (a two-byte integer).
+const SERVER_KEEP_ALIVE: u8 = 0x13;
+
+/// Whether a CONNACK's properties carry `id`. Only the identifiers a CONNACK may carry are
+/// walked; anything else ends the walk as not found.
+fn has_property(mut props: &[u8], id: u8) -> bool {
+    while let Some((&found, rest)) = props.split_first() {
+        if found == id {
+            return true;
+        }
+        let skip = match found {
+            // One-byte values.
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            // Two-byte integers.
+            0x13 | 0x21 | 0x22 => 2,
+            // Four-byte integers.
+            0x11 | 0x27 => 4,
+            // UTF-8 strings and binary data: a two-byte length first.
+            0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => match rest.get(..2) {
+                Some(len) => 2 + u16::from_be_bytes([len[0], len[1]]) as usize,
+                None => return false,
+            },
+            // User property: two strings.
+            0x26 => {
+                let Some(first) = rest.get(..2) else {
+                    return false;
+                };
+                let first = 2 + u16::from_be_bytes([first[0], first[1]]) as usize;
+                let Some(second) = rest.get(first..first + 2) else {
+                    return false;
+                };
+                first + 2 + u16::from_be_bytes([second[0], second[1]]) as usize
+            }
+            _ => return false,
+        };
+        props = rest.get(skip..).unwrap_or_default();
+    }
+    false
+}
+
 /// A CONNACK refusing the connection. `code` is an MQTT 5 reason code; for 3.1.1 it maps to
 /// the nearest return code.
 pub fn connack_refused(protocol: Protocol, code: u8) -> Bytes {
@@ -626,6 +695,14 @@ pub fn exercise(data: &[u8]) -> usize {
 
 fn exercise_frame(frame: &Frame) -> usize {
     let mut parsed = 0;
+    if frame.packet_type() == CONNACK {
+        let told = connack_with_server_keep_alive(frame, 40);
+        assert!(
+            decode_one(&told).is_some(),
+            "a rewritten CONNACK frames again"
+        );
+        parsed += 1;
+    }
     if let Ok(connect) = parse_connect(frame) {
         let again = encode_connect(&connect, "id", "user", "secret");
         let again = decode_one(&again).and_then(|f| parse_connect(&f).ok());
@@ -826,6 +903,8 @@ mod tests {
             b"\x30\x06\0\0\x03\x23\0\x07".to_vec(),
             b"\x82\x0c\0\x05\0\x01a\x01\0\x03b/#\x00".to_vec(),
             b"\x82\x0d\0\x05\0\0\x01a\x01\0\x03b/#\x00".to_vec(),
+            // MQTT 5 CONNACK: topic alias maximum, a user property.
+            b"\x20\x0e\0\0\x0b\x22\x10\0\x26\0\x01k\0\x01v\x21".to_vec(),
         ]
     }
 
