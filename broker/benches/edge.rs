@@ -639,20 +639,24 @@ async fn handshake_once(connector: &TlsConnector, port: u16, i: usize) -> Result
     Ok(())
 }
 
+/// A client child process's arguments: the edge's port, and one TLS client per certificate
+/// in the bundle, all with the same key.
+fn client_args(args: &[String], role: &str) -> Result<(u16, Vec<TlsConnector>), Error> {
+    let [port, ca, certs, key] = args else {
+        return Err(format!("usage: {role} <port> <ca> <certs> <key>").into());
+    };
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let connectors = CertificateDer::pem_file_iter(certs)?
+        .map(|cert| client_connector(Path::new(ca), cert?, &key))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((port.parse()?, connectors))
+}
+
 /// Child side of `storm`: STORM_WORKERS clients connect and disconnect in a loop for
 /// STORM_TIME, each with its own certificate; prints connects, failures, seconds and the CPU
 /// seconds the clients used.
 async fn storm_clients(args: &[String]) -> Result<(), Error> {
-    let [port, ca, certs, key] = args else {
-        return Err("usage: __storm <port> <ca> <certs> <key>".into());
-    };
-    let port: u16 = port.parse()?;
-    let key = PrivateKeyDer::from_pem_file(key)?;
-    let certs: Vec<_> = CertificateDer::pem_file_iter(certs)?.collect::<Result<_, _>>()?;
-    let connectors = certs
-        .into_iter()
-        .map(|cert| client_connector(Path::new(ca), cert, &key))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (port, connectors) = client_args(args, "__storm")?;
 
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -697,17 +701,12 @@ async fn storm_clients(args: &[String]) -> Result<(), Error> {
 
 /// Child side of `hold`: opens every connection, prints how many, holds until stdin closes.
 async fn hold_clients(args: &[String]) -> Result<(), Error> {
-    let [port, ca, certs, key] = args else {
-        return Err("usage: __hold <port> <ca> <certs> <key>".into());
-    };
-    let port: u16 = port.parse()?;
-    let key = PrivateKeyDer::from_pem_file(key)?;
-    let certs: Vec<_> = CertificateDer::pem_file_iter(certs)?.collect::<Result<_, _>>()?;
-    let mut held = Vec::with_capacity(certs.len());
-    let tasks = certs.into_iter().enumerate().map(|(i, cert)| {
-        let connector = client_connector(Path::new(ca), cert, &key);
-        async move {
-            let connector = connector?;
+    let (port, connectors) = client_args(args, "__hold")?;
+    let mut held = Vec::with_capacity(connectors.len());
+    let tasks = connectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, connector)| async move {
             for _ in 0..5 {
                 if let Ok(stream) = mqtt_connect(&connector, port, "held").await {
                     return Ok(stream);
@@ -715,8 +714,7 @@ async fn hold_clients(args: &[String]) -> Result<(), Error> {
                 tokio::time::sleep(Duration::from_millis(200 + i as u64 % 100)).await;
             }
             Err::<_, Error>("could not connect".into())
-        }
-    });
+        });
     let mut stream = futures::stream::iter(tasks).buffer_unordered(200);
     use futures::StreamExt;
     while let Some(result) = stream.next().await {

@@ -66,22 +66,25 @@ async fn devices_reconnecting_at_once_are_never_dropped() {
     );
 }
 
-/// A device whose old connection stopped reading (its socket full of commands it never
-/// read) reconnects: the new connection takes the session over at once.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reconnect_takes_over_from_a_connection_that_stopped_reading() {
-    let broker = Broker::start().await;
-    let device = broker.device("bed-1");
-    let (mut stalled, connack) = broker
-        .raw(&device, &mqtt::connect(4, "", 60, None, None))
+/// bed-1 connected with `keep_alive` and subscribed to its commands.
+async fn subscribed_to_commands(
+    broker: &Broker,
+    device: &common::Device,
+    keep_alive: u16,
+) -> common::Raw {
+    let (mut raw, connack) = broker
+        .raw(device, &mqtt::connect(4, "", keep_alive, None, None))
         .await;
     assert_eq!(connack, [0x20, 2, 0, 0]);
-    stalled
-        .send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
+    raw.send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
         .await;
-    assert_eq!(stalled.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+    assert_eq!(raw.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+    raw
+}
 
-    // More than the sockets between the edge and the device hold, never read.
+/// 25 MiB of commands to bed-1 from a service client: more than the sockets between the edge
+/// and a device that does not read them can hold.
+async fn send_more_commands_than_sockets_hold(broker: &Broker) {
     let sender = broker.observer("nothing/#").await;
     let command = vec![b'x'; 64 * 1024];
     for _ in 0..400 {
@@ -96,6 +99,17 @@ async fn a_reconnect_takes_over_from_a_connection_that_stopped_reading() {
             .await
             .expect("queued");
     }
+}
+
+/// A device whose old connection stopped reading (its socket full of commands it never
+/// read) reconnects: the new connection takes the session over at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_takes_over_from_a_connection_that_stopped_reading() {
+    let broker = Broker::start().await;
+    let device = broker.device("bed-1");
+    let stalled = subscribed_to_commands(&broker, &device, 60).await;
+
+    send_more_commands_than_sockets_hold(&broker).await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 
     let connect = mqtt::connect(4, "", 60, None, None);
@@ -114,14 +128,7 @@ async fn a_reconnect_takes_over_from_a_connection_that_stopped_reading() {
 async fn a_device_flooding_itself_cannot_lock_out_its_identity() {
     let broker = Broker::start().await;
     let device = broker.device("bed-1");
-    let (mut flooding, connack) = broker
-        .raw(&device, &mqtt::connect(4, "", 60, None, None))
-        .await;
-    assert_eq!(connack, [0x20, 2, 0, 0]);
-    flooding
-        .send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
-        .await;
-    assert_eq!(flooding.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+    let mut flooding = subscribed_to_commands(&broker, &device, 60).await;
 
     // Never read back; the writes stop once every socket on the way is full.
     let command = mqtt::publish(4, b"devices/bed-1/commands/x", None, &[b'x'; 200_000]);
@@ -147,29 +154,9 @@ async fn a_device_flooding_itself_cannot_lock_out_its_identity() {
 async fn a_device_that_stops_reading_is_disconnected_within_its_keepalive() {
     let broker = Broker::start().await;
     let device = broker.device("bed-1");
-    let (mut stalled, connack) = broker
-        .raw(&device, &mqtt::connect(4, "", 2, None, None))
-        .await;
-    assert_eq!(connack, [0x20, 2, 0, 0]);
-    stalled
-        .send(&mqtt::subscribe(4, 1, &["devices/bed-1/commands/#"]))
-        .await;
-    assert_eq!(stalled.recv().await, Some(vec![0x90, 3, 0, 1, 1]));
+    let stalled = subscribed_to_commands(&broker, &device, 2).await;
 
-    let sender = broker.observer("nothing/#").await;
-    let command = vec![b'x'; 64 * 1024];
-    for _ in 0..400 {
-        sender
-            .client
-            .publish(
-                "devices/bed-1/commands/x",
-                rumqttc::QoS::AtMostOnce,
-                false,
-                command.clone(),
-            )
-            .await
-            .expect("queued");
-    }
+    send_more_commands_than_sockets_hold(&broker).await;
 
     common::eventually("the stalled device disconnected", common::PROMPT, || {
         broker.edge.connections() == 0

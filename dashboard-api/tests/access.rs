@@ -354,30 +354,11 @@ async fn sse_events(
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let mut body = resp.bytes_stream();
-    let mut text = String::new();
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while events.len() < n {
-        let chunk = tokio::time::timeout_at(deadline, body.next())
-            .await
-            .expect("events in time")
-            .unwrap()
-            .unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = text.find("\n\n") {
-            let block: String = text.drain(..end + 2).collect();
-            let field = |name: &str| {
-                block
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name).map(str::to_string))
-            };
-            if let (Some(event), Some(data)) = (field("event: "), field("data: ")) {
-                events.push((event, serde_json::from_str(&data).unwrap_or(Value::Null)));
-            }
-        }
-    }
-    events
+    sse_blocks(resp, n)
+        .await
+        .into_iter()
+        .map(|(event, _, data)| (event, serde_json::from_str(&data).unwrap_or(Value::Null)))
+        .collect()
 }
 
 #[tokio::test]

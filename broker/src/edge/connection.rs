@@ -262,8 +262,7 @@ impl Session {
                 warn!(cause = %e, "invalid CONNECT");
                 // MQTT 3.1.1 §3.1.2.2: answer an unsupported level with return code 1.
                 if let PacketError::UnsupportedProtocol { .. } = e {
-                    let _ = client_tx.write_all(&[0x20, 2, 0, 1]).await;
-                    let _ = client_tx.flush().await;
+                    send_refusal(&mut client_tx, &[0x20, 2, 0, 1]).await;
                 }
                 return;
             }
@@ -275,10 +274,7 @@ impl Session {
             && connect.protocol == Protocol::V311
         {
             debug!("empty client id with a persistent session; refused");
-            let _ = client_tx
-                .write_all(&packet::connack_identifier_rejected())
-                .await;
-            let _ = client_tx.flush().await;
+            send_refusal(&mut client_tx, &packet::connack_identifier_rejected()).await;
             return;
         }
         if let Some(will) = &connect.will {
@@ -286,8 +282,7 @@ impl Session {
                 counters().denied_will.inc();
                 warn!(topic = %will.topic, "will topic not allowed; connection refused");
                 let refusal = packet::connack_refused(connect.protocol, reason::NOT_AUTHORIZED);
-                let _ = client_tx.write_all(&refusal).await;
-                let _ = client_tx.flush().await;
+                send_refusal(&mut client_tx, &refusal).await;
                 return;
             }
         }
@@ -313,7 +308,7 @@ impl Session {
         if self.shared.tls.is_revoked(&self.serial) {
             info!("certificate revoked after its handshake; connection refused");
             let refusal = packet::connack_refused(connect.protocol, reason::NOT_AUTHORIZED);
-            let _ = timeout(LINK_CLOSE_WAIT, send_now(&mut client_tx, &refusal)).await;
+            send_refusal(&mut client_tx, &refusal).await;
             return;
         }
 
@@ -336,7 +331,7 @@ impl Session {
             Err(_) => {
                 warn!("the previous link of this identity did not close; connection refused");
                 let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
-                let _ = timeout(LINK_CLOSE_WAIT, send_now(&mut client_tx, &refusal)).await;
+                send_refusal(&mut client_tx, &refusal).await;
                 return;
             }
         };
@@ -346,13 +341,12 @@ impl Session {
             Err(e) => {
                 warn!(cause = %e, "engine unreachable; connection refused");
                 let refusal = packet::connack_refused(connect.protocol, reason::SERVER_BUSY);
-                let _ = timeout(LINK_CLOSE_WAIT, send_now(&mut client_tx, &refusal)).await;
+                send_refusal(&mut client_tx, &refusal).await;
                 return;
             }
         };
         debug!(protocol = ?connect.protocol, keep_alive = connect.keep_alive, "connected");
 
-        let limits = &self.shared.limits.config;
         let (erd, ewr) = upstream.into_split();
         // The engine is trusted and enforces its own payload limit; this bound only guards
         // against a runaway length field.
@@ -412,7 +406,6 @@ impl Session {
             tx: engine_tx,
         } = engine;
         let idle = keep_alive_limit(connect.keep_alive, limits.max_keep_alive);
-        let announce_keep_alive = server_keep_alive(protocol, connect.keep_alive, idle);
         // Writes to the device may stall no longer than the device may stay silent.
         let to_client = Bounded {
             stop: &stop,
@@ -425,7 +418,10 @@ impl Session {
             stalled: End::EngineStalled,
         };
         let mut deadline = Instant::now() + idle;
-        let mut filter = Filter::default();
+        let mut filter = Filter {
+            server_keep_alive: server_keep_alive(protocol, connect.keep_alive, idle),
+            ..Filter::default()
+        };
         // The edge's own answers to packets that came before the engine's CONNACK.
         let mut before_connack: Vec<Bytes> = Vec::new();
 
@@ -488,13 +484,7 @@ impl Session {
                         let Some(Ok(frame)) = next else { return End::EngineClosed };
                         let connack = frame.packet_type() == packet::CONNACK;
                         self.connack_relayed |= connack;
-                        let delivery = match announce_keep_alive {
-                            Some(seconds) if connack => Delivery::ToClient(
-                                packet::connack_with_server_keep_alive(&frame, seconds),
-                            ),
-                            _ => self.delivery(protocol, frame, &mut filter),
-                        };
-                        match delivery {
+                        match self.delivery(protocol, frame, &mut filter) {
                             Delivery::ToClient(bytes) => {
                                 let written = to_client.run(client_tx.write_all(&bytes));
                                 if let Err(end) = written.await {
@@ -790,6 +780,12 @@ async fn send_now<W: AsyncWrite + Unpin>(
     tx.flush().await
 }
 
+/// Sends a refusal (a CONNACK with an error code) before closing; bounded, so that a device
+/// that does not read cannot hold its connection slot.
+async fn send_refusal<W: AsyncWrite + Unpin>(tx: &mut BufWriter<W>, bytes: &[u8]) {
+    let _ = timeout(LINK_CLOSE_WAIT, send_now(tx, bytes)).await;
+}
+
 /// Removes a connection from the live table when it ends, however it ends.
 struct Registered {
     shared: Arc<Shared>,
@@ -897,6 +893,8 @@ struct Filter {
     engine_aliases: HashMap<u16, String>,
     /// QoS 2 deliveries withheld from the device, waiting for the engine's PUBREL.
     withheld_qos2: HashSet<u16>,
+    /// The Server Keep Alive to add to the engine's CONNACK (MQTT 5), if any.
+    server_keep_alive: Option<u16>,
 }
 
 impl Filter {
@@ -915,6 +913,12 @@ impl Filter {
     }
 
     fn engine_packet(&mut self, protocol: Protocol, frame: Frame) -> Bytes {
+        if frame.packet_type() == packet::CONNACK {
+            return match self.server_keep_alive {
+                Some(seconds) => packet::connack_with_server_keep_alive(&frame, seconds),
+                None => frame.raw,
+            };
+        }
         if frame.packet_type() != packet::SUBACK || self.pending_subacks.is_empty() {
             return frame.raw;
         }
@@ -962,17 +966,12 @@ mod tests {
     #[test]
     fn the_server_keep_alive_is_added_to_the_connacks_properties() {
         // CONNACK: flags 0, success, properties: topic alias maximum (0x22) 10.
-        let engine = [0x20, 6, 0, 0, 3, 0x22, 0, 10];
-        let mut buf = bytes::BytesMut::from(&engine[..]);
-        let frame = tokio_util::codec::Decoder::decode(
-            &mut FrameCodec {
-                max_packet_size: 64,
-            },
-            &mut buf,
-        )
-        .unwrap()
-        .unwrap();
-        let out = packet::connack_with_server_keep_alive(&frame, 2400);
+        let engine = packet::decode_one(&[0x20, 6, 0, 0, 3, 0x22, 0, 10]).unwrap();
+        let mut filter = Filter {
+            server_keep_alive: Some(2400),
+            ..Filter::default()
+        };
+        let out = filter.engine_packet(Protocol::V5, engine);
         assert_eq!(&out[..], &[0x20, 9, 0, 0, 6, 0x22, 0, 10, 0x13, 0x09, 0x60]);
     }
 
@@ -988,17 +987,8 @@ mod tests {
     fn suback_is_widened_to_every_filter_sent() {
         let mut filter = Filter::default();
         filter.pending_subacks.insert(4, vec![false, true, false]);
-        let engine_ack = packet::suback(Protocol::V311, 4, &[1]);
-        let mut buf = bytes::BytesMut::from(&engine_ack[..]);
-        let frame = tokio_util::codec::Decoder::decode(
-            &mut FrameCodec {
-                max_packet_size: 64,
-            },
-            &mut buf,
-        )
-        .unwrap()
-        .unwrap();
-        let out = filter.engine_packet(Protocol::V311, frame);
+        let engine_ack = packet::decode_one(&packet::suback(Protocol::V311, 4, &[1])).unwrap();
+        let out = filter.engine_packet(Protocol::V311, engine_ack);
         assert_eq!(&out[..], &[0x90, 5, 0, 4, 0x80, 1, 0x80]);
     }
 

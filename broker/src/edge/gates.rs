@@ -120,6 +120,15 @@ mod tests {
 
     use super::*;
 
+    /// A connection asking for `identity`'s link in the background: whether it got it.
+    fn spawn_enter(
+        gates: &Arc<Gates>,
+        identity: &'static str,
+    ) -> tokio::task::JoinHandle<Option<Ticket>> {
+        let gates = gates.clone();
+        tokio::spawn(async move { gates.enter(identity, CancellationToken::new()).await })
+    }
+
     #[tokio::test]
     async fn a_newer_connection_waits_for_the_link_open_now_and_tells_it_to_close() {
         let gates = Arc::new(Gates::default());
@@ -129,15 +138,7 @@ mod tests {
             .await
             .expect("the gate");
 
-        let waiting = tokio::spawn({
-            let gates = gates.clone();
-            async move {
-                gates
-                    .enter("bed-1", CancellationToken::new())
-                    .await
-                    .is_some()
-            }
-        });
+        let waiting = spawn_enter(&gates, "bed-1");
         tokio::time::timeout(Duration::from_secs(5), first_token.cancelled())
             .await
             .expect("the open link told to close");
@@ -152,23 +153,21 @@ mod tests {
             .await
             .expect("entered once the first link closed")
             .expect("no panic");
-        assert!(entered);
+        assert!(entered.is_some());
+        drop(entered);
         assert_eq!(gates.len(), 0, "the slot goes with its last connection");
     }
 
     #[tokio::test]
     async fn of_two_waiting_connections_only_the_newest_gets_the_link() {
         let gates = Arc::new(Gates::default());
-        let first = gates
-            .enter("bed-1", CancellationToken::new())
+        let first = spawn_enter(&gates, "bed-1")
             .await
+            .expect("no panic")
             .expect("the gate");
-        let enter = |gates: Arc<Gates>| {
-            tokio::spawn(async move { gates.enter("bed-1", CancellationToken::new()).await })
-        };
-        let second = enter(gates.clone());
+        let second = spawn_enter(&gates, "bed-1");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let third = enter(gates.clone());
+        let third = spawn_enter(&gates, "bed-1");
 
         let second = tokio::time::timeout(Duration::from_secs(5), second)
             .await
@@ -185,16 +184,14 @@ mod tests {
     #[tokio::test]
     async fn identities_do_not_wait_for_each_other() {
         let gates = Arc::new(Gates::default());
-        let _first = gates
-            .enter("bed-1", CancellationToken::new())
+        let _first = spawn_enter(&gates, "bed-1")
             .await
+            .expect("no panic")
             .expect("the gate");
-        let other = tokio::time::timeout(
-            Duration::from_secs(5),
-            gates.enter("bed-2", CancellationToken::new()),
-        )
-        .await
-        .expect("not held up by another identity");
+        let other = tokio::time::timeout(Duration::from_secs(5), spawn_enter(&gates, "bed-2"))
+            .await
+            .expect("not held up by another identity")
+            .expect("no panic");
         assert!(other.is_some());
     }
 }

@@ -729,7 +729,7 @@ fn exercise_frame(frame: &Frame) -> usize {
     parsed
 }
 
-fn decode_one(bytes: &[u8]) -> Option<Frame> {
+pub(crate) fn decode_one(bytes: &[u8]) -> Option<Frame> {
     let mut codec = FrameCodec {
         max_packet_size: usize::MAX,
     };
